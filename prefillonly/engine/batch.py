@@ -1,0 +1,61 @@
+"""The tensors of one step: a flat token stream with sequence offsets, no padding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.attention import AttentionMeta
+from .sequence import Pooling, Sequence
+
+
+@dataclass
+class StepInput:
+    input_ids: torch.Tensor  # (N,)
+    positions: torch.Tensor  # (N,) or (3, N) for M-RoPE models
+    meta: AttentionMeta
+    seqs: list[Sequence]  # models with extra inputs (images) read them from here
+    row_index: torch.Tensor  # (R,) packed rows the heads read; pooled sequences excluded
+    targets: torch.Tensor | None  # (R,) token per selected row, for continuation heads
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def build_step(seqs: list[Sequence], device: torch.device) -> StepInput:
+    lengths = [len(s) for s in seqs]
+    ids: list[int] = []
+    rows: list[int] = []
+    targets: list[int] = []
+    positions: list[torch.Tensor] = []
+    offset = 0
+    for s, n in zip(seqs, lengths):
+        ids.extend(s.token_ids)
+        pos = s.extras.get("positions")
+        positions.append(pos if pos is not None else torch.arange(n))
+        if s.select is Pooling.LAST:
+            rows.append(offset + n - 1)
+        elif s.select is Pooling.CLS:
+            rows.append(offset)
+        elif isinstance(s.select, tuple):
+            rows.extend(offset + r for r in s.select)
+        if s.targets is not None:
+            targets.extend(s.targets)
+        offset += n
+    pin = device.type == "cuda"
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    pos_t = torch.cat(positions, dim=-1)
+    row_t = torch.tensor(rows, dtype=torch.long)
+    tgt_t = torch.tensor(targets, dtype=torch.long) if targets else None
+    if pin:
+        input_ids, pos_t, row_t = input_ids.pin_memory(), pos_t.pin_memory(), row_t.pin_memory()
+    return StepInput(
+        input_ids=input_ids.to(device, non_blocking=pin),
+        positions=pos_t.to(device, non_blocking=pin),
+        meta=AttentionMeta.from_lengths(lengths, device),
+        seqs=seqs,
+        row_index=row_t.to(device, non_blocking=pin),
+        targets=None if tgt_t is None else tgt_t.to(device),
+    )

@@ -1,0 +1,86 @@
+"""Run sequences through the model step by step and hand back each one's head output."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import OutOfMemoryError
+from .batch import StepInput, build_step
+from .scheduler import plan_steps
+from .sequence import Head, Pooling, Sequence
+
+StepObserver = Callable[[StepInput], None]
+
+
+class ModelRunner:
+    """Owns the model on its device; executes packed steps under a token budget."""
+
+    def __init__(self, model, device: torch.device, max_num_batched_tokens: int) -> None:
+        self.model = model
+        self.device = device
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.observers: list[StepObserver] = []  # tests and profilers watch steps here
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], head: Head, use_tqdm: bool = True, desc: str = "prefill") -> list[torch.Tensor | Exception]:
+        """Outputs in the order of ``seqs``: a (rows, K) CPU tensor, or the error of that sequence."""
+        results: list[torch.Tensor | Exception | None] = [None] * len(seqs)
+        steps = plan_steps(seqs, self.max_num_batched_tokens)
+        total_tokens = sum(len(s) for s in seqs)
+        bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=not use_tqdm or len(seqs) == 0, leave=False)
+        start, done_tokens = time.perf_counter(), 0
+        for step in steps:
+            for i, out in self._run_step([seqs[i] for i in step], head, step):
+                results[i] = out
+            done_tokens += sum(len(seqs[i]) for i in step)
+            bar.update(len(step))
+            bar.set_postfix(tok_s=f"{done_tokens / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)
+        bar.close()
+        assert done_tokens == total_tokens
+        return results  # type: ignore[return-value]
+
+    def _run_step(self, seqs: list[Sequence], head: Head, ids: list[int]):
+        try:
+            outs = self._execute(seqs, head)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(seqs) == 1:
+                n = len(seqs[0])
+                yield ids[0], OutOfMemoryError(f"a {n}-token request did not fit in device memory even alone")
+                return
+            half = len(seqs) // 2
+            yield from self._run_step(seqs[:half], head, ids[:half])
+            yield from self._run_step(seqs[half:], head, ids[half:])
+            return
+        yield from zip(ids, outs)
+
+    def _execute(self, seqs: list[Sequence], head: Head) -> list[torch.Tensor]:
+        step = build_step(seqs, self.device)
+        for observe in self.observers:
+            observe(step)
+        hidden = self.model.hidden_states(step)
+        rows = self._select_rows(hidden, step)
+        out = head(self.model, rows, step.targets).float().cpu()
+        return list(out.split([s.num_rows for s in seqs]))
+
+    def _select_rows(self, hidden: torch.Tensor, step: StepInput) -> torch.Tensor:
+        """Final-normed rows in sequence order; MEAN sequences contribute their mean."""
+        if not any(s.select is Pooling.MEAN for s in step.seqs):
+            return self.model.final_norm(hidden.index_select(0, step.row_index))
+        normed = self.model.final_norm(hidden)
+        pieces, offset, r = [], 0, 0
+        for s in step.seqs:
+            n = len(s)
+            if s.select is Pooling.MEAN:
+                pieces.append(normed[offset : offset + n].float().mean(0, keepdim=True).to(normed.dtype))
+            else:
+                k = s.num_rows
+                pieces.append(normed.index_select(0, step.row_index[r : r + k]))
+                r += k
+            offset += n
+        return torch.cat(pieces)

@@ -1,0 +1,33 @@
+"""Pack sequences into steps under a token budget.
+
+Sorting by length groups similar sequences together, so each step fills its
+budget and attention blocks stay balanced; results are put back in input order
+by the runner.
+"""
+
+from __future__ import annotations
+
+from .sequence import Sequence
+
+
+def plan_steps(seqs: list[Sequence], max_tokens: int, max_seqs: int | None = None) -> list[list[int]]:
+    """Return steps as lists of indices into ``seqs``.
+
+    A step holds at most ``max_tokens`` tokens; a sequence longer than that runs
+    alone in its own step.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+    steps: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in order:
+        n = len(seqs[i])
+        full = used + n > max_tokens or (max_seqs is not None and len(current) >= max_seqs)
+        if current and full:
+            steps.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        steps.append(current)
+    return steps

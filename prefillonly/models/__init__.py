@@ -1,0 +1,5 @@
+from .decoder import CausalLM
+from .registry import supported_architectures, text_family
+from .spec import DecoderSpec, spec_from_config
+
+__all__ = ["CausalLM", "DecoderSpec", "spec_from_config", "supported_architectures", "text_family"]

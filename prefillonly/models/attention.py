@@ -1,0 +1,110 @@
+"""Packed causal attention over a flat token stream with no padding and no KV cache.
+
+On CUDA the fused varlen kernel does the work. Everywhere else (and for
+features the kernel lacks, such as Gemma 2's logit soft-capping) a portable
+path runs each sequence on its own, in query blocks so that long prompts do not
+materialise a full L x L score matrix.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_QUERY_BLOCK = 2048
+
+
+@dataclass
+class AttentionMeta:
+    """Where each sequence starts in the packed stream."""
+
+    cu_seqlens: torch.Tensor  # int32, (num_seqs + 1,), on the compute device
+    lengths: list[int]  # the same offsets, on the host, for the portable path
+    max_seqlen: int
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], device: torch.device) -> "AttentionMeta":
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+        return cls(cu, list(lengths), max(lengths))
+
+
+def _varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch without the varlen kernel
+        return None, False
+    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+_VARLEN, _VARLEN_GQA = _varlen_fn()
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMeta,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention per sequence. q: (N, Hq, D), k/v: (N, Hkv, D) -> (N, Hq, D).
+
+    ``window`` follows transformers: a query attends to keys with
+    ``q_pos - k_pos < window``.
+    """
+    use_kernel = (
+        _VARLEN is not None
+        and q.is_cuda
+        and softcap is None
+        and q.dtype in (torch.float16, torch.bfloat16)
+    )
+    if use_kernel:
+        left = -1 if window is None else window - 1
+        kwargs = {"scale": scale, "window_size": (left, 0)}
+        if q.shape[1] != k.shape[1]:
+            if _VARLEN_GQA:
+                kwargs["enable_gqa"] = True
+        return _VARLEN(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen, **kwargs)
+    return _portable_attention(q, k, v, meta.lengths, scale, window, softcap)
+
+
+def _portable_attention(q, k, v, lengths, scale, window, softcap):
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k.shape[1]
+    start = 0
+    for n in lengths:
+        qs = q[start : start + n].transpose(0, 1)  # (H, L, D)
+        ks = k[start : start + n].transpose(0, 1)
+        vs = v[start : start + n].transpose(0, 1)
+        if groups > 1:
+            ks = ks.repeat_interleave(groups, dim=0)
+            vs = vs.repeat_interleave(groups, dim=0)
+        for b0 in range(0, n, _QUERY_BLOCK):
+            b1 = min(n, b0 + _QUERY_BLOCK)
+            out[start + b0 : start + b1] = _block(qs[:, b0:b1], ks[:, :b1], vs[:, :b1], b0, scale, window, softcap).transpose(0, 1)
+        start += n
+    return out
+
+
+def _block(q, k, v, q_offset, scale, window, softcap):
+    """Attention of queries [q_offset, q_offset+Lq) over keys [0, Lk)."""
+    lq, lk = q.shape[1], k.shape[1]
+    qpos = torch.arange(q_offset, q_offset + lq, device=q.device)[:, None]
+    kpos = torch.arange(lk, device=q.device)[None, :]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed = allowed & (qpos - kpos < window)
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    scores = torch.matmul(q, k.transpose(1, 2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)

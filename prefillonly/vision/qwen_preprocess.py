@@ -1,0 +1,253 @@
+"""Image preprocessing for Qwen2-VL, Qwen2.5-VL and Qwen3-VL, bit-exact with transformers.
+
+This reimplements transformers 5's ``Qwen2VLImageProcessorPil`` (which
+AutoImageProcessor also picks for Qwen2.5-VL and Qwen3-VL with the PIL
+backend) without torchvision: ``smart_resize`` to a multiple of
+``patch_size * merge_size``, PIL bicubic resize, rescale, normalise, repeat the
+single frame ``temporal_patch_size`` times and flatten patches in HF's order
+``(grid_h/m, grid_w/m, m, m, C, T, P, P)``.  The vision tower and the M-RoPE
+positions depend on that exact order, so tests compare against transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from prefillonly.errors import CheckpointError, ImageError
+from prefillonly.vision.image_io import to_rgb
+from prefillonly.vision.pixel_norm import apply_lut, normalization_lut
+
+__all__ = ["smart_resize", "QwenImageInput", "QwenImagePreprocessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_MAX_ASPECT_RATIO = 200
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = 28,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 14 * 14 * 4 * 1280,
+    *,
+    field: str = "image",
+) -> tuple[int, int]:
+    """Return ``(height, width)`` divisible by ``factor`` with area in ``[min_pixels, max_pixels]``.
+
+    Same arithmetic as transformers' ``smart_resize`` (including Python's
+    round-half-to-even and its float rounding), so grids match exactly.
+    transformers raises ``ValueError`` for an aspect ratio above 200; we raise
+    :class:`ImageError` there, and also for a zero-sized image.
+    """
+    if height <= 0 or width <= 0:
+        raise ImageError(field, f"image has zero size ({width}x{height} pixels)")
+    if max(height, width) / min(height, width) > _MAX_ASPECT_RATIO:
+        raise ImageError(
+            field,
+            f"absolute aspect ratio must be smaller than {_MAX_ASPECT_RATIO}, "
+            f"got {max(height, width) / min(height, width)} ({width}x{height} pixels); crop or pad the image",
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class QwenImageInput:
+    """One preprocessed image: what the vision tower and the prompt builder need."""
+
+    pixel_values: torch.Tensor  # (num_patches, C * T * P * P) float32
+    grid_thw: tuple[int, int, int]  # (t, h, w) in patches
+    num_tokens: int  # number of <|image_pad|> tokens: t * h * w // merge_size**2
+
+
+class QwenImagePreprocessor:
+    """Qwen-VL image processor (PIL backend semantics of transformers 5)."""
+
+    def __init__(
+        self,
+        *,
+        min_pixels: int = 56 * 56,
+        max_pixels: int = 28 * 28 * 1280,
+        patch_size: int = 14,
+        temporal_patch_size: int = 2,
+        merge_size: int = 2,
+        image_mean: float | Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: float | Sequence[float] = OPENAI_CLIP_STD,
+        do_resize: bool = True,
+        resample: int = Image.Resampling.BICUBIC,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+    ) -> None:
+        if not min_pixels or not max_pixels:
+            raise ValueError(f"min_pixels and max_pixels must be positive, got {min_pixels}, {max_pixels}")
+        self.min_pixels = int(min_pixels)
+        self.max_pixels = int(max_pixels)
+        self.patch_size = int(patch_size)
+        self.temporal_patch_size = int(temporal_patch_size)
+        self.merge_size = int(merge_size)
+        self.do_resize = bool(do_resize)
+        self.resample = Image.Resampling(int(resample))
+        self._lut = normalization_lut(
+            3,
+            do_rescale=do_rescale,
+            rescale_factor=rescale_factor,
+            do_normalize=do_normalize,
+            mean=image_mean,
+            std=image_std,
+        )
+
+    @property
+    def factor(self) -> int:
+        """Resized sides are multiples of this (one merged token covers factor x factor pixels)."""
+        return self.patch_size * self.merge_size
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> QwenImagePreprocessor:
+        """Build from a ``preprocessor_config.json`` dict, resolving sizes as transformers 5 does.
+
+        ``size: {shortest_edge, longest_edge}`` (Qwen3-VL) gives min/max pixels;
+        top-level ``min_pixels`` / ``max_pixels`` (Qwen2/2.5-VL) override it.  A
+        ``size`` that uses ``min_pixels``/``max_pixels`` keys (older configs) is
+        also accepted, where transformers 5 would raise.
+        """
+        size = config.get("size")
+        if size is None:
+            min_pixels, max_pixels = 56 * 56, 28 * 28 * 1280
+        elif isinstance(size, Mapping):
+            min_pixels = size.get("shortest_edge", size.get("min_pixels"))
+            max_pixels = size.get("longest_edge", size.get("max_pixels"))
+        else:
+            raise ValueError(f"preprocessor config 'size' must be a dict with shortest_edge/longest_edge, got {size!r}")
+        if config.get("min_pixels") is not None:
+            min_pixels = config["min_pixels"]
+        if config.get("max_pixels") is not None:
+            max_pixels = config["max_pixels"]
+        if min_pixels is None or max_pixels is None:
+            raise ValueError(f"preprocessor config must give shortest_edge and longest_edge in 'size', got {size!r}")
+        kwargs: dict[str, Any] = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        for key in (
+            "patch_size",
+            "temporal_patch_size",
+            "merge_size",
+            "image_mean",
+            "image_std",
+            "do_resize",
+            "resample",
+            "do_rescale",
+            "rescale_factor",
+            "do_normalize",
+        ):
+            if config.get(key) is not None:
+                kwargs[key] = config[key]
+        if config.get("do_convert_rgb") is False:
+            raise ValueError("do_convert_rgb=False is not supported: images are always converted to RGB")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike[str]) -> QwenImagePreprocessor:
+        """Read ``preprocessor_config.json`` (or the ``image_processor`` part of ``processor_config.json``)."""
+        return cls.from_dict(read_image_processor_config(model_dir))
+
+    # ----------------------------------------------------------------- sizes
+
+    def resized_size(self, height: int, width: int, *, field: str = "image") -> tuple[int, int]:
+        """Pixel size ``(height, width)`` the image is resized to."""
+        if not self.do_resize:
+            if height % self.factor or width % self.factor or height <= 0 or width <= 0:
+                raise ImageError(
+                    field,
+                    f"with do_resize=False the image sides must be positive multiples of {self.factor}, "
+                    f"got {width}x{height}",
+                )
+            return height, width
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels, field=field)
+
+    def grid_thw_for_size(self, height: int, width: int, *, field: str = "image") -> tuple[int, int, int]:
+        """Patch grid ``(t, h, w)`` of an image of this size, without touching pixels."""
+        rh, rw = self.resized_size(height, width, field=field)
+        return 1, rh // self.patch_size, rw // self.patch_size
+
+    def num_tokens_for_size(self, height: int, width: int, *, field: str = "image") -> int:
+        """Number of ``<|image_pad|>`` tokens for an image of this size (for planning batches)."""
+        t, h, w = self.grid_thw_for_size(height, width, field=field)
+        return t * h * w // self.merge_size**2
+
+    # ----------------------------------------------------------------- processing
+
+    def __call__(self, image: Image.Image, *, field: str = "image") -> QwenImageInput:
+        """Preprocess one image (any PIL mode; converted to RGB as transformers does)."""
+        if not isinstance(image, Image.Image):
+            raise ImageError(field, f"expected a PIL image, got {type(image).__name__}; use load_image() first")
+        width, height = image.size
+        rh, rw = self.resized_size(height, width, field=field)
+        image = to_rgb(image)
+        if self.do_resize:
+            image = image.resize((rw, rh), resample=self.resample)
+        pixels = np.asarray(image)  # (H, W, 3) uint8
+        pixel_values, grid_h, grid_w = self._patchify(pixels)
+        grid_thw = (1, grid_h, grid_w)
+        return QwenImageInput(
+            pixel_values=torch.from_numpy(pixel_values),
+            grid_thw=grid_thw,
+            num_tokens=grid_h * grid_w // self.merge_size**2,
+        )
+
+    def _patchify(self, pixels: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """Reorder uint8 HWC pixels into HF's flattened patch layout, then normalise via the LUT."""
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        height, width, channels = pixels.shape
+        grid_h, grid_w = height // p, width // p
+        # (GH, m, P, GW, m, P, C) -> (GH, GW, m, m, C, P, P): HF's order, taken from HWC instead of CHW.
+        patches = pixels.reshape(grid_h // m, m, p, grid_w // m, m, p, channels)
+        patches = patches.transpose(0, 3, 1, 4, 6, 2, 5)
+        # A still image is its own temporal neighbour: repeat it T times (zero-copy view).
+        patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
+        values = apply_lut(patches, self._lut, channel_axis=4)  # contiguous float32 copy
+        return values.reshape(grid_h * grid_w, channels * t * p * p), grid_h, grid_w
+
+
+def read_image_processor_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load the image-processor settings of a checkpoint directory."""
+    model_dir = os.fspath(model_dir)
+    path = os.path.join(model_dir, "preprocessor_config.json")
+    if os.path.isfile(path):
+        return _read_json(path)
+    alt = os.path.join(model_dir, "processor_config.json")
+    if os.path.isfile(alt):
+        cfg = _read_json(alt)
+        if isinstance(cfg.get("image_processor"), dict):
+            return cfg["image_processor"]
+    raise CheckpointError(f"{model_dir}: no preprocessor_config.json (needed to preprocess images)")
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return cfg
