@@ -1,0 +1,24 @@
+"""Image input and preprocessing for vision-language models.
+
+``load_image`` turns request inputs into RGB images with clear errors; the
+``*_preprocess`` modules turn images into exactly the tensors (and prompt
+token counts) that transformers' processors produce; ``PreprocessPool`` runs
+that CPU work ahead of the GPU.
+"""
+
+from prefillonly.vision.image_io import image_content_hash, load_image, to_rgb
+from prefillonly.vision.llava_next_preprocess import LlavaNextImageInput, LlavaNextImagePreprocessor
+from prefillonly.vision.preprocess_pool import PreprocessPool
+from prefillonly.vision.qwen_preprocess import QwenImageInput, QwenImagePreprocessor, smart_resize
+
+__all__ = [
+    "load_image",
+    "image_content_hash",
+    "to_rgb",
+    "QwenImageInput",
+    "QwenImagePreprocessor",
+    "smart_resize",
+    "LlavaNextImageInput",
+    "LlavaNextImagePreprocessor",
+    "PreprocessPool",
+]

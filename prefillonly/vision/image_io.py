@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import http.client
 import io
@@ -184,22 +185,27 @@ def _sniff_zero_size(data: bytes) -> tuple[int, int] | None:
 
 def _read_path(path: str, field: str, max_bytes: int) -> bytes:
     shown = path if len(path) <= 200 else path[:200] + "..."
+    hint = ""
+    if len(path) > 200 or path.startswith(("iVBOR", "/9j/", "R0lG", "UklGR")):
+        hint = " (base64 image data must be sent as a data URI: data:image/png;base64,...)"
     try:
-        size = os.path.getsize(path)
         if os.path.isdir(path):
             raise ImageError(field, f"path is a directory, not an image file: {shown!r}")
-        _check_byte_count(size, field, max_bytes, what="image file")
+        _check_byte_count(os.path.getsize(path), field, max_bytes, what="image file")
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError as e:
-        hint = ""
-        if len(path) > 200 or path.startswith(("iVBOR", "/9j/", "R0lG")):
-            hint = " (base64 image data must be sent as a data URI: data:image/png;base64,...)"
         raise ImageError(field, f"file not found: {shown!r}{hint}") from e
     except ImageError:
         raise
     except (OSError, ValueError) as e:
-        raise ImageError(field, f"cannot read image file {shown!r}: {e}") from e
+        if isinstance(e, ValueError) or e.errno == errno.ENAMETOOLONG:
+            # Not something a file could be called: say what we accept.
+            raise ImageError(
+                field, f"not an existing file path, an http(s) URL or a data: URI: {shown!r}{hint}"
+            ) from e
+        reason = e.strerror or str(e)
+        raise ImageError(field, f"cannot read image file {shown!r}: {reason}") from e
 
 
 def _read_limited(stream: Any, field: str, max_bytes: int, *, what: str) -> bytes:

@@ -11,7 +11,6 @@ positions depend on that exact order, so tests compare against transformers.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from prefillonly.errors import CheckpointError, ImageError
+from prefillonly.errors import ImageError
+from prefillonly.vision.config_io import read_image_processor_config
 from prefillonly.vision.image_io import to_rgb
 from prefillonly.vision.pixel_norm import apply_lut, normalization_lut
 
@@ -227,27 +227,3 @@ class QwenImagePreprocessor:
         values = apply_lut(patches, self._lut, channel_axis=4)  # contiguous float32 copy
         return values.reshape(grid_h * grid_w, channels * t * p * p), grid_h, grid_w
 
-
-def read_image_processor_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load the image-processor settings of a checkpoint directory."""
-    model_dir = os.fspath(model_dir)
-    path = os.path.join(model_dir, "preprocessor_config.json")
-    if os.path.isfile(path):
-        return _read_json(path)
-    alt = os.path.join(model_dir, "processor_config.json")
-    if os.path.isfile(alt):
-        cfg = _read_json(alt)
-        if isinstance(cfg.get("image_processor"), dict):
-            return cfg["image_processor"]
-    raise CheckpointError(f"{model_dir}: no preprocessor_config.json (needed to preprocess images)")
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return cfg
