@@ -53,12 +53,16 @@ def packed_attention(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """Causal attention per sequence. q: (N, Hq, D), k/v: (N, Hkv, D) -> (N, Hq, D).
+    """Attention within each sequence. q: (N, Hq, D), k/v: (N, Hkv, D) -> (N, Hq, D).
 
     ``window`` follows transformers: a query attends to keys with
-    ``q_pos - k_pos < window``.
+    ``q_pos - k_pos < window``. ``causal=False`` lets every token see its whole
+    sequence (vision encoders); it takes no window.
     """
+    if not causal and window is not None:
+        raise ValueError("a sliding window needs causal attention")
     use_kernel = (
         _VARLEN is not None
         and q.is_cuda
@@ -67,15 +71,15 @@ def packed_attention(
     )
     if use_kernel:
         left = -1 if window is None else window - 1
-        kwargs = {"scale": scale, "window_size": (left, 0)}
+        kwargs = {"scale": scale, "window_size": (left, 0) if causal else (-1, -1)}
         if q.shape[1] != k.shape[1]:
             if _VARLEN_GQA:
                 kwargs["enable_gqa"] = True
         return _VARLEN(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen, **kwargs)
-    return _portable_attention(q, k, v, meta.lengths, scale, window, softcap)
+    return _portable_attention(q, k, v, meta.lengths, scale, window, softcap, causal)
 
 
-def _portable_attention(q, k, v, lengths, scale, window, softcap):
+def _portable_attention(q, k, v, lengths, scale, window, softcap, causal=True):
     out = torch.empty_like(q)
     groups = q.shape[1] // k.shape[1]
     start = 0
@@ -88,23 +92,29 @@ def _portable_attention(q, k, v, lengths, scale, window, softcap):
             vs = vs.repeat_interleave(groups, dim=0)
         for b0 in range(0, n, _QUERY_BLOCK):
             b1 = min(n, b0 + _QUERY_BLOCK)
-            out[start + b0 : start + b1] = _block(qs[:, b0:b1], ks[:, :b1], vs[:, :b1], b0, scale, window, softcap).transpose(0, 1)
+            kend = b1 if causal else n
+            out[start + b0 : start + b1] = _block(
+                qs[:, b0:b1], ks[:, :kend], vs[:, :kend], b0, scale, window, softcap, causal
+            ).transpose(0, 1)
         start += n
     return out
 
 
-def _block(q, k, v, q_offset, scale, window, softcap):
+def _block(q, k, v, q_offset, scale, window, softcap, causal=True):
     """Attention of queries [q_offset, q_offset+Lq) over keys [0, Lk)."""
     lq, lk = q.shape[1], k.shape[1]
-    qpos = torch.arange(q_offset, q_offset + lq, device=q.device)[:, None]
-    kpos = torch.arange(lk, device=q.device)[None, :]
-    allowed = kpos <= qpos
-    if window is not None:
-        allowed = allowed & (qpos - kpos < window)
+    allowed = None
+    if causal:
+        qpos = torch.arange(q_offset, q_offset + lq, device=q.device)[:, None]
+        kpos = torch.arange(lk, device=q.device)[None, :]
+        allowed = kpos <= qpos
+        if window is not None:
+            allowed = allowed & (qpos - kpos < window)
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
     scores = torch.matmul(q, k.transpose(1, 2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return torch.matmul(probs, v)

@@ -30,7 +30,7 @@ QWEN_MODELS = ["Qwen2.5-VL-3B-Instruct", "Qwen3-VL-2B-Instruct"]
 
 # (height, width): tiny, odd, wide, tall, exact multiples, photo-sized.
 SIZES = [(20, 20), (27, 50), (50, 27), (1, 150), (224, 1344), (1344, 224), (333, 517), (448, 448), (512, 512)]
-# Huge: 3000x4000 (12M px) fits Qwen2.5-VL's max_pixels after rounding; 4000x5000 must be shrunk by both.
+# Huge: 3000x4000 (12M px) still fits Qwen2.5-VL's max_pixels after rounding; 4000x5000 is shrunk by both.
 HUGE_SIZES = [(3000, 4000), (4000, 5000)]
 
 LLAVA_NEXT_CONFIG = {  # llava-hf/llava-v1.6-mistral-7b-hf preprocessor_config.json
@@ -103,16 +103,21 @@ def test_qwen_matches_transformers(qwen_pair, photos, photo: str) -> None:
         assert_qwen_matches(hf, ours, photos[photo].resize((w, h), Image.Resampling.BILINEAR))
 
 
-@pytest.mark.parametrize("size", HUGE_SIZES)
-def test_qwen_huge_image_shrunk_like_transformers(qwen_pair, photos, size: tuple[int, int]) -> None:
+def test_qwen_huge_image_shrunk_like_transformers(qwen_pair, photos) -> None:
     hf, ours = qwen_pair
-    h, w = size
+    h, w = 4000, 5000  # 20M pixels: above max_pixels of both Qwen2.5-VL and Qwen3-VL
     img = photos["rocket"].resize((w, h), Image.Resampling.BILINEAR)
     assert_qwen_matches(hf, ours, img)
-    t, gh, gw = ours.grid_thw_for_size(h, w)
+    _, gh, gw = ours.grid_thw_for_size(h, w)
     assert gh * gw * ours.patch_size**2 <= ours.max_pixels
-    if size == (4000, 5000):
-        assert gh * ours.patch_size < h and gw * ours.patch_size < w
+    assert gh * ours.patch_size < h and gw * ours.patch_size < w
+    # Grids of other huge sizes, without pixels (transformers' own size arithmetic).
+    for hh, ww in HUGE_SIZES + [(8000, 6000), (100, 10000), (20000, 20000)]:
+        assert ours.grid_thw_for_size(hh, ww)[1:] == tuple(
+            s // hf.patch_size
+            for s in smart_resize(hh, ww, hf.patch_size * hf.merge_size, hf.size.shortest_edge, hf.size.longest_edge)
+        )
+        assert ours.num_tokens_for_size(hh, ww) * hf.merge_size**2 == hf.get_number_of_image_patches(hh, ww)
 
 
 def test_qwen_modes_converted_like_transformers(qwen_pair, photos) -> None:
