@@ -33,6 +33,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_BYTES = 50 * 2**20
 _CHUNK = 1 << 16
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_EXIF_ORIENTATION = 0x0112
 
 
 def load_image(
@@ -50,7 +51,8 @@ def load_image(
     a ``data:`` URI or an ``http(s)://`` URL.  EXIF orientation is applied (as
     transformers' ``load_image`` does) and transparency is composited onto
     white (as transformers' image processors do), so the pixels match what
-    the reference preprocessing would see.
+    the reference preprocessing would see.  An RGB PIL image that needs no
+    change is returned as is (not copied).
     """
     if isinstance(source, Image.Image):
         img = source
@@ -141,9 +143,7 @@ def _decode(data: bytes, field: str, max_pixels: int) -> Image.Image:
         zero = _sniff_zero_size(data)
         if zero is not None:
             raise ImageError(field, f"image has zero size ({zero[0]}x{zero[1]} pixels)") from e
-        raise ImageError(
-            field, f"data is not a decodable image ({len(data)} bytes; starts with {data[:8]!r})"
-        ) from e
+        raise ImageError(field, f"data is not a decodable image ({len(data)} bytes; starts with {data[:8]!r})") from e
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
         raise ImageError(field, f"image header is corrupt: {type(e).__name__}: {e}") from e
     _check_dimensions(img.size, field, max_pixels)
@@ -163,7 +163,8 @@ def _load_pixels(img: Image.Image, field: str) -> None:
 
 def _finish(img: Image.Image, field: str) -> Image.Image:
     try:
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+            img = ImageOps.exif_transpose(img)
         return to_rgb(img)
     except Exception as e:  # noqa: BLE001
         raise ImageError(field, f"cannot convert image (mode {img.mode}) to RGB: {e}") from e
@@ -201,9 +202,7 @@ def _read_path(path: str, field: str, max_bytes: int) -> bytes:
     except (OSError, ValueError) as e:
         if isinstance(e, ValueError) or e.errno == errno.ENAMETOOLONG:
             # Not something a file could be called: say what we accept.
-            raise ImageError(
-                field, f"not an existing file path, an http(s) URL or a data: URI: {shown!r}{hint}"
-            ) from e
+            raise ImageError(field, f"not an existing file path, an http(s) URL or a data: URI: {shown!r}{hint}") from e
         reason = e.strerror or str(e)
         raise ImageError(field, f"cannot read image file {shown!r}: {reason}") from e
 
@@ -285,4 +284,3 @@ def _fetch_url(url: str, field: str, max_bytes: int, timeout_s: float) -> bytes:
         raise ImageError(field, f"timed out after {timeout_s:g}s fetching {shown}") from e
     except (OSError, ValueError, http.client.HTTPException) as e:
         raise ImageError(field, f"could not fetch {shown}: {type(e).__name__}: {e}") from e
-

@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 from prefillonly.errors import ImageError
+from prefillonly.vision.config_io import read_image_processor_config, read_json_config
 from prefillonly.vision.image_io import to_rgb
 from prefillonly.vision.pixel_norm import apply_lut, normalization_lut
-from prefillonly.vision.config_io import read_image_processor_config, read_json_config
 from prefillonly.vision.qwen_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = [
@@ -38,7 +38,9 @@ __all__ = [
 DEFAULT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
-def select_best_resolution(original_size: Sequence[int], possible_resolutions: Sequence[Sequence[int]]) -> tuple[int, int]:
+def select_best_resolution(
+    original_size: Sequence[int], possible_resolutions: Sequence[Sequence[int]]
+) -> tuple[int, int]:
     """Pick the ``(height, width)`` pinpoint keeping the most pixels and wasting the fewest (HF's rule)."""
     original_height, original_width = original_size
     best_fit: tuple[int, int] | None = None
@@ -251,7 +253,9 @@ class LlavaNextImagePreprocessor:
                 tile = _center_crop(tile, (self.crop_size["height"], self.crop_size["width"]))
             out.append(tile)
         if len({t.shape for t in out}) != 1:
-            raise ValueError(f"LLaVA-NeXT tiles have different shapes {sorted({t.shape for t in out})}; check size/crop_size")
+            raise ValueError(
+                f"LLaVA-NeXT tiles have different shapes {sorted({t.shape for t in out})}; check size/crop_size"
+            )
         stacked = np.stack(out)  # (N, H, W, 3) uint8
         values = apply_lut(stacked, self._lut, channel_axis=-1)
         pixel_values = torch.from_numpy(np.ascontiguousarray(values.transpose(0, 3, 1, 2)))

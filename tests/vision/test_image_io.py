@@ -20,7 +20,6 @@ from PIL import Image
 from prefillonly.errors import ImageError, InvalidRequestError
 from prefillonly.vision.image_io import image_content_hash, load_image, to_rgb
 
-
 # --------------------------------------------------------------------------- helpers
 
 

@@ -79,11 +79,18 @@ def qwen_pair(request: pytest.FixtureRequest) -> tuple[Qwen2VLImageProcessorPil,
     return Qwen2VLImageProcessorPil.from_dict(cfg), QwenImagePreprocessor.from_dict(cfg)
 
 
+def assert_same(got: np.ndarray, want: np.ndarray) -> None:
+    """Bit-exact equality (fast path first; numpy's detailed diff only on failure)."""
+    assert got.dtype == want.dtype == np.float32
+    if got.shape != want.shape or not np.array_equal(got, want):
+        np.testing.assert_array_equal(got, want)
+
+
 def assert_qwen_matches(hf: Qwen2VLImageProcessorPil, ours: QwenImagePreprocessor, image: Image.Image) -> None:
     ref = hf(image, return_tensors="np")
     got = ours(image)
     assert got.pixel_values.dtype == torch.float32
-    np.testing.assert_array_equal(got.pixel_values.numpy(), ref["pixel_values"])
+    assert_same(got.pixel_values.numpy(), ref["pixel_values"])
     assert got.grid_thw == tuple(int(x) for x in ref["image_grid_thw"][0])
     expected_tokens = int(np.prod(ref["image_grid_thw"][0])) // hf.merge_size**2
     assert got.num_tokens == expected_tokens
@@ -125,7 +132,12 @@ def test_qwen_modes_converted_like_transformers(qwen_pair, photos) -> None:
     rgba = photos["chelsea"].convert("RGBA")
     alpha = np.tile(np.linspace(0, 255, rgba.width, dtype=np.uint8), (rgba.height, 1))
     rgba.putalpha(Image.fromarray(alpha))
-    for img in (rgba, photos["astronaut"].convert("L"), photos["coffee"].convert("P"), photos["rocket"].convert("CMYK")):
+    for img in (
+        rgba,
+        photos["astronaut"].convert("L"),
+        photos["coffee"].convert("P"),
+        photos["rocket"].convert("CMYK"),
+    ):
         assert_qwen_matches(hf, ours, img)
 
 
@@ -221,7 +233,9 @@ class _TokenCounter(LlavaNextProcessor):
         return n - 1 if self.vision_feature_select_strategy == "default" else n
 
 
-def model_feature_count(image_size: tuple[int, int], pinpoints: list[list[int]], tile: int = 336, patch: int = 14) -> int:
+def model_feature_count(
+    image_size: tuple[int, int], pinpoints: list[list[int]], tile: int = 336, patch: int = 14
+) -> int:
     """Image features LlavaNextModel.pack_image_features produces (base + unpadded grid + newlines)."""
     side = tile // patch
     rows, cols = get_anyres_image_grid_shape(list(image_size), pinpoints, tile)
@@ -240,7 +254,7 @@ def llava_pair() -> tuple[LlavaNextImageProcessorPil, LlavaNextImagePreprocessor
 def assert_llava_matches(hf: LlavaNextImageProcessorPil, ours: LlavaNextImagePreprocessor, image: Image.Image) -> None:
     ref = hf(image, return_tensors="np")
     got = ours(image)
-    np.testing.assert_array_equal(got.pixel_values.numpy(), ref["pixel_values"][0])
+    assert_same(got.pixel_values.numpy(), ref["pixel_values"][0])
     assert got.image_size == tuple(int(x) for x in ref["image_sizes"][0])
     th, tw = got.pixel_values.shape[-2:]
     h, w = got.image_size
