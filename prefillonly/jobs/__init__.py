@@ -5,7 +5,7 @@ See :mod:`.runner` for the resume guarantees and :mod:`.writers` for the output 
 """
 
 from .readers import InputFile, Position, RawRow, iter_batches, resolve_inputs
-from .runner import Processor, JobSummary, run_job
+from .runner import JobSummary, Processor, run_job
 from .spec import JobSpec
 
 __all__ = [

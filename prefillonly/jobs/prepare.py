@@ -84,7 +84,7 @@ class RequestBuilder:
                 or not messages
                 or not all(isinstance(m, dict) and "role" in m for m in messages)
             ):
-                return row_id, f"column {col!r}: expected a non-empty list of {{\"role\": ..., \"content\": ...}} messages"
+                return row_id, f'column {col!r}: expected a non-empty list of {{"role": ..., "content": ...}} messages'
             request["messages"] = messages
         if self.image_columns:
             images = []

@@ -18,8 +18,9 @@ import gzip
 import json
 import os
 import sys
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, Iterable, Iterator, Protocol, Sequence
+from typing import IO, Any, Protocol
 
 from ..errors import InvalidRequestError
 from .spec import INPUT_FORMATS, format_for_path
@@ -100,7 +101,9 @@ def resolve_inputs(spec_input: str, input_format: str | None = None) -> list[Inp
     are files whose extension is not a known input format.
     """
     if input_format is not None and input_format not in INPUT_FORMATS:
-        raise InvalidRequestError("input_format", f"unknown format {input_format!r}; choose one of {', '.join(INPUT_FORMATS)}")
+        raise InvalidRequestError(
+            "input_format", f"unknown format {input_format!r}; choose one of {', '.join(INPUT_FORMATS)}"
+        )
     path = os.path.expanduser(spec_input)
     found: list[tuple[str, str]] = []  # (path, name relative to root)
     if os.path.isdir(path):
@@ -253,8 +256,16 @@ def _project(obj: dict[str, Any], cols: list[str] | None) -> dict[str, Any]:
     return {c: obj[c] for c in cols if c in obj}
 
 
-def _read_jsonl(file, file_index, base, cols, selector, stats, batch_rows):  # type: ignore[no-untyped-def]
-    """Generator of RawRow; returns the number of rows in the file."""
+def _read_jsonl(
+    file: InputFile,
+    file_index: int,
+    base: int,
+    cols: list[str] | None,
+    selector: RowSelector,
+    stats: ReadStats,
+    batch_rows: int,
+) -> Generator[RawRow, None, int]:
+    """Yields the file's wanted rows; returns how many rows the file has."""
     n = 0
     with _open_binary(file.path) as f:
         first = True
@@ -295,8 +306,7 @@ def _decoded_lines(f: IO[bytes]) -> Iterator[str]:
         text = line.decode("utf-8", "surrogateescape")
         if first:
             first = False
-            if text.startswith("\ufeff"):
-                text = text[1:]
+            text = text.removeprefix("\ufeff")
         yield text
 
 
@@ -309,7 +319,15 @@ def _bad_utf8(values: Iterable[str]) -> bool:
     return False
 
 
-def _read_csv(file, file_index, base, cols, selector, stats, batch_rows):  # type: ignore[no-untyped-def]
+def _read_csv(
+    file: InputFile,
+    file_index: int,
+    base: int,
+    cols: list[str] | None,
+    selector: RowSelector,
+    stats: ReadStats,
+    batch_rows: int,
+) -> Generator[RawRow, None, int]:
     limit = sys.maxsize
     while True:  # long documents exceed csv's default 128 KiB field limit
         try:
@@ -349,7 +367,7 @@ def _read_csv(file, file_index, base, cols, selector, stats, batch_rows):  # typ
                 continue
             pos = Position(file_index, n - 1, row)
             line_no = reader.line_num
-            if parse_error is not None:
+            if parse_error is not None or values is None:
                 yield RawRow(pos, None, f"line {line_no}: invalid CSV: {parse_error}")
             elif len(values) != len(header):
                 yield RawRow(pos, None, f"line {line_no}: expected {len(header)} fields, found {len(values)}")
@@ -362,7 +380,15 @@ def _read_csv(file, file_index, base, cols, selector, stats, batch_rows):  # typ
     return n
 
 
-def _read_parquet(file, file_index, base, cols, selector, stats, batch_rows):  # type: ignore[no-untyped-def]
+def _read_parquet(
+    file: InputFile,
+    file_index: int,
+    base: int,
+    cols: list[str] | None,
+    selector: RowSelector,
+    stats: ReadStats,
+    batch_rows: int,
+) -> Generator[RawRow, None, int]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(file.path)
@@ -382,7 +408,9 @@ def _read_parquet(file, file_index, base, cols, selector, stats, batch_rows):  #
             stats.rows_skipped += rg_rows - sum(b - a for a, b in wanted)
             if wanted:
                 offset = start  # global row of the batch's first row
-                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=read_cols, use_threads=False):
+                for batch in pf.iter_batches(
+                    batch_size=batch_rows, row_groups=[rg], columns=read_cols, use_threads=False
+                ):
                     b_stop = offset + batch.num_rows
                     for a, b in wanted:
                         lo, hi = max(a, offset), min(b, b_stop)

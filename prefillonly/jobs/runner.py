@@ -21,15 +21,26 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from ..errors import InvalidRequestError
 from .prepare import RequestBuilder
 from .readers import ReadStats, count_rows, iter_batches, probe_columns, resolve_inputs
 from .spec import RESERVED_OUTPUT_COLUMNS, JobSpec
-from .writers import JOB_FILE, ERRORS_DIR, ShardWriter, completed_shards, has_shards, read_schema, remove_temp_files, shard_name, write_atomic
+from .writers import (
+    ERRORS_DIR,
+    JOB_FILE,
+    ShardWriter,
+    completed_shards,
+    has_shards,
+    read_schema,
+    remove_temp_files,
+    shard_name,
+    write_atomic,
+)
 
 #: The engine, seen from a job: takes request dicts (see :mod:`.prepare`: ``id``,
 #: ``position``, ``text`` or ``messages``, maybe ``images``) and returns, in order, one
@@ -140,6 +151,10 @@ def run_job(
     """
     t0 = time.perf_counter()
     files = resolve_inputs(spec.input, spec.input_format)
+    out_real = os.path.realpath(spec.output) + os.sep
+    files = [f for f in files if not os.path.realpath(f.path).startswith(out_real)]  # our own shards are not input
+    if not files:
+        raise InvalidRequestError("input", f"{spec.input!r} has no files outside the output directory {spec.output!r}")
     columns: list[str] = []
     for probed in files:  # the first file with any rows says which columns the input has
         columns = probe_columns(probed)
@@ -161,6 +176,8 @@ def run_job(
     selector = ShardSelector(spec.rows_per_shard, done, shard_filter)
     total_rows = count_rows(files)
     todo = selector.count_wanted(total_rows) if total_rows is not None else None
+    # New shards reuse the committed shards' Parquet schema when their rows fit it, so the
+    # directory reads as one dataset even if, say, a shard's first rows have a null column.
     schema_hint = read_schema(out / shard_name(max(done), fmt)) if done and fmt == "parquet" else None
 
     summary = JobSummary(output=str(out), shards_already_done=sum(1 for k in done if mine(k)))
@@ -182,12 +199,18 @@ def run_job(
             for raw, (row_id, built_item) in zip(batch, built):
                 shard = raw.position.row // r
                 if writer is None or writer.shard != shard:
-                    if writer is not None:  # the input skipped ahead (last rows of a shard were not wanted?)
-                        raise AssertionError(f"shard {writer.shard} ended after {writer.results + writer.errors} of {r} rows")
-                    writer = ShardWriter(out, shard, fmt, max_buffered_rows=spec.max_buffered_rows, schema_hint=schema_hint, fsync=fsync)
+                    if writer is not None:  # cannot happen: wanted shards are read whole
+                        raise RuntimeError(
+                            f"internal error: shard {writer.shard} ended after {writer.results + writer.errors} of {r} rows"
+                        )
+                    writer = ShardWriter(
+                        out, shard, fmt, max_buffered_rows=spec.max_buffered_rows, schema_hint=schema_hint, fsync=fsync
+                    )
                 item: Any = built_item if isinstance(built_item, str) else next(results)
                 if isinstance(item, str):
-                    writer.add_error(row_id, raw.position, files[raw.position.file_index].name, item or "failed (no reason given)")
+                    writer.add_error(
+                        row_id, raw.position, files[raw.position.file_index].name, item or "failed (no reason given)"
+                    )
                     summary.errors += 1
                 else:
                     tokens = item.get(TOKENS_KEY)
@@ -198,7 +221,8 @@ def run_job(
                     summary.results += 1
                 if writer.results + writer.errors == r:
                     writer.commit()
-                    schema_hint = writer.schema if writer.schema is not None else schema_hint
+                    if writer.results:  # an all-error shard's schema says nothing about results
+                        schema_hint = writer.schema
                     summary.shards_written += 1
                     writer = None
             summary.rows += len(batch)
@@ -224,7 +248,9 @@ def _call(processor: Processor, requests: list[dict[str, Any]]) -> list[Any]:
     if not isinstance(outputs, (list, tuple)):
         raise TypeError(f"processor must return a list, got {type(outputs).__name__}")
     if len(outputs) != len(requests):
-        raise ValueError(f"processor returned {len(outputs)} results for {len(requests)} rows; it must return one per row, in order")
+        raise ValueError(
+            f"processor returned {len(outputs)} results for {len(requests)} rows; it must return one per row, in order"
+        )
     for item in outputs:
         if isinstance(item, str):
             continue
@@ -232,7 +258,9 @@ def _call(processor: Processor, requests: list[dict[str, Any]]) -> list[Any]:
             raise TypeError(f"processor results must be dicts or error strings, got {type(item).__name__}")
         for key in RESERVED_OUTPUT_COLUMNS:
             if key in item:
-                raise ValueError(f"processor result has the reserved key {key!r}; the runner writes {', '.join(RESERVED_OUTPUT_COLUMNS)} itself")
+                raise ValueError(
+                    f"processor result has the reserved key {key!r}; the runner writes {', '.join(RESERVED_OUTPUT_COLUMNS)} itself"
+                )
     return list(outputs)
 
 
@@ -293,7 +321,8 @@ def _describe_diff(old: Any, new: dict[str, Any]) -> str:
         now = {f["name"]: f["size"] for f in new["inputs"]}
         changed = [n for n in sorted(set(before) | set(now)) if before.get(n) != now.get(n)]
         detail = ", ".join(
-            f"{n} ({'new' if n not in before else 'gone' if n not in now else f'{before[n]} -> {now[n]} bytes'})" for n in changed[:3]
+            f"{n} ({'new' if n not in before else 'gone' if n not in now else f'{before[n]} -> {now[n]} bytes'})"
+            for n in changed[:3]
         )
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         diffs.append(f"input files changed: {detail}{more}" if changed else "input file order changed")
@@ -312,11 +341,13 @@ def _progress_bar(total: int | None, enabled: bool, desc: str) -> Any:
         enabled = False
     if not enabled:
         return _NoBar()
-    return tqdm(total=total, unit="row", unit_scale=True, desc=desc, dynamic_ncols=True, smoothing=0.05, mininterval=0.5)
+    return tqdm(
+        total=total, unit="row", unit_scale=True, desc=desc, dynamic_ncols=True, smoothing=0.05, mininterval=0.5
+    )
 
 
 def _update_bar(bar: Any, n: int, summary: JobSummary, t0: float) -> None:
-    postfix = {"errors": summary.errors}
+    postfix: dict[str, Any] = {"errors": summary.errors}
     if summary.tokens:
         postfix["tok/s"] = f"{summary.tokens / max(time.perf_counter() - t0, 1e-9):,.0f}"
     bar.set_postfix(postfix, refresh=False)
@@ -354,7 +385,7 @@ def _prefetch(items: Iterator[T], depth: int = 1) -> Iterator[T]:
                 if not put(("item", item)):
                     return
             put(("end", None))
-        except BaseException as e:  # handed to the consumer, raised there
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             put(("error", e))
 
     thread = threading.Thread(target=work, name="prefillonly-job-reader", daemon=True)

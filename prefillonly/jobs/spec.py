@@ -12,9 +12,10 @@ import dataclasses
 import difflib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from ..errors import InvalidRequestError
 from .template import Template
@@ -96,7 +97,9 @@ class JobSpec:
     batch_rows: int = 1024
     """Rows handed to the processor per call (fewer when some rows are unreadable)."""
     max_buffered_rows: int = 10_000
-    """Result rows held in memory before they are flushed into the shard being written."""
+    """Result rows held in memory before they are flushed into the shard being written
+    (one Parquet row group each; JSONL rows go straight to the shard's temp file). Memory
+    is bounded by about this many results plus two input batches, whatever the input size."""
     model: str | None = None
     """For the CLI; part of the fingerprint so a resume with another model is refused."""
     engine: dict[str, Any] = field(default_factory=dict)
@@ -128,7 +131,8 @@ class JobSpec:
             raise InvalidRequestError("task", f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.input_format is not None and self.input_format not in INPUT_FORMATS:
             raise InvalidRequestError(
-                "input_format", f"unknown format {self.input_format!r}; choose one of {', '.join(INPUT_FORMATS)} (or leave it out to use the extension)"
+                "input_format",
+                f"unknown format {self.input_format!r}; choose one of {', '.join(INPUT_FORMATS)} (or leave it out to use the extension)",
             )
         if self.output_format not in OUTPUT_FORMATS:
             raise InvalidRequestError(
@@ -172,16 +176,17 @@ class JobSpec:
         opts = self.task_options
         where = "task_options"
         labels = opts.get("labels")
-        if self.task == "classify":
-            if labels is None:
-                raise InvalidRequestError(f"{where}.labels", "classify needs a list of labels, e.g. [positive, negative]")
+        if self.task == "classify" and labels is None:
+            raise InvalidRequestError(f"{where}.labels", "classify needs a list of labels, e.g. [positive, negative]")
         if labels is not None:
             if (
                 not isinstance(labels, (list, tuple))
                 or len(labels) < 2
                 or not all(isinstance(x, str) and x for x in labels)
             ):
-                raise InvalidRequestError(f"{where}.labels", f"must be a list of at least 2 non-empty strings, got {labels!r}")
+                raise InvalidRequestError(
+                    f"{where}.labels", f"must be a list of at least 2 non-empty strings, got {labels!r}"
+                )
             dupes = sorted({x for x in labels if list(labels).count(x) > 1})
             if dupes:
                 raise InvalidRequestError(f"{where}.labels", f"duplicate labels: {', '.join(dupes)}")
@@ -207,9 +212,7 @@ class JobSpec:
             close = difflib.get_close_matches(column, have, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             listing = ", ".join(have) if have else "(none)"
-            raise InvalidRequestError(
-                field_name, f"unknown column {column!r}{hint}; {source} has columns: {listing}"
-            )
+            raise InvalidRequestError(field_name, f"unknown column {column!r}{hint}; {source} has columns: {listing}")
 
         if self.prompt is not None:
             for column in Template(self.prompt).columns:
@@ -294,7 +297,9 @@ class JobSpec:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise InvalidRequestError("job_file", f"{str(p)!r} must hold a mapping of job fields, got {type(data).__name__}")
+            raise InvalidRequestError(
+                "job_file", f"{str(p)!r} must hold a mapping of job fields, got {type(data).__name__}"
+            )
         for key in ("input", "output"):
             value = data.get(key)
             if isinstance(value, str) and value:
@@ -324,7 +329,8 @@ def _load_yaml(text: str, path: Path) -> Any:
         import yaml  # optional dependency
     except ImportError:
         raise InvalidRequestError(
-            "job_file", f"{str(path)!r} looks like YAML but PyYAML is not installed; pip install pyyaml, or write the job as JSON"
+            "job_file",
+            f"{str(path)!r} looks like YAML but PyYAML is not installed; pip install pyyaml, or write the job as JSON",
         ) from None
     try:
         return yaml.safe_load(text)

@@ -9,8 +9,9 @@ spec (``{score:.2f}``) is applied with :func:`format`, a conversion (``{x!r}``) 
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import InvalidRequestError
 
@@ -37,7 +38,9 @@ class Template:
         try:
             parsed = list(string.Formatter().parse(text))
         except ValueError as e:
-            raise InvalidRequestError(field, f"malformed template ({e}); write literal braces as {{{{ and }}}}") from None
+            raise InvalidRequestError(
+                field, f"malformed template ({e}); write literal braces as {{{{ and }}}}"
+            ) from None
         for literal, name, format_spec, conversion in parsed:
             if literal:
                 self._parts.append(literal)

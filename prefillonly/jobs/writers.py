@@ -29,8 +29,10 @@ import datetime as _dt
 import json
 import os
 import re
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .readers import Position
 
@@ -46,7 +48,7 @@ def shard_name(shard: int, fmt: str) -> str:
 
 def completed_shards(out_dir: str | os.PathLike[str], fmt: str) -> set[int]:
     """Indices of committed shards (their data file exists)."""
-    done = set()
+    done: set[int] = set()
     try:
         names = os.listdir(out_dir)
     except FileNotFoundError:
@@ -87,7 +89,7 @@ def remove_temp_files(out_dir: str | os.PathLike[str], mine: Callable[[int], boo
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write a small file so that readers see the old content or the new, never a mix."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -160,7 +162,9 @@ def column_to_arrow(values: list[Any]) -> Any:
                 mask = np.array([v is None for v in values])
                 filled = [v if v is not None else np.zeros(dim, np.float32) for v in values]
                 flat = np.asarray(filled, dtype=np.float32).reshape(-1)
-                return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim, mask=pa.array(mask) if mask.any() else None)
+                return pa.FixedSizeListArray.from_arrays(
+                    pa.array(flat), dim, mask=pa.array(mask) if mask.any() else None
+                )
             except (TypeError, ValueError):
                 pass
         return pa.array([None if v is None else np.asarray(v, np.float32) for v in values], pa.list_(pa.float32()))
@@ -231,7 +235,7 @@ class ShardWriter:
         self.results += 1
         if self.fmt == "jsonl":
             if self._jsonl is None:
-                self._jsonl = open(self.tmp_path, "wb", buffering=1 << 20)
+                self._jsonl = open(self.tmp_path, "wb", buffering=1 << 20)  # noqa: SIM115 - held open across add_* calls until commit/abort
             self._jsonl.write(dumps_line({"id": row_id, "position": position, **result}))
             return
         self._buffer.append((row_id, position, result))
@@ -241,9 +245,17 @@ class ShardWriter:
     def add_error(self, row_id: Any, position: Position, file: str, reason: str) -> None:
         self.errors += 1
         if self._errors_file is None:
-            self._errors_file = open(self.errors_tmp, "wb", buffering=1 << 16)
+            self._errors_file = open(self.errors_tmp, "wb", buffering=1 << 16)  # noqa: SIM115 - held open across add_* calls until commit/abort
         self._errors_file.write(
-            dumps_line({"id": row_id, "position": position.row, "file": file, "row_index": position.row_index, "reason": reason})
+            dumps_line(
+                {
+                    "id": row_id,
+                    "position": position.row,
+                    "file": file,
+                    "row_index": position.row_index,
+                    "reason": reason,
+                }
+            )
         )
 
     # -- parquet
@@ -293,11 +305,13 @@ class ShardWriter:
         table = self._table(self._buffer)
         self._buffer = []
         if self._pq_writer is None:
-            if self.schema_hint is not None and _compatible(self.schema_hint, table.schema):
-                self.schema = self.schema_hint
-                table = self._conform(table)
-            else:
-                self.schema = table.schema
+            self.schema = table.schema
+            if self.schema_hint is not None and self.schema_hint != table.schema:
+                try:  # e.g. a column all null in these rows, or numeric ids read from CSV as text
+                    self.schema = self.schema_hint
+                    table = self._conform(table)
+                except ValueError:
+                    self.schema = table.schema
             self._pq_writer = pq.ParquetWriter(self.tmp_path, self.schema)
         else:
             table = self._conform(table)
@@ -321,7 +335,7 @@ class ShardWriter:
             self._pq_writer = None
         else:
             if self._jsonl is None:
-                self._jsonl = open(self.tmp_path, "wb")
+                self._jsonl = open(self.tmp_path, "wb")  # noqa: SIM115 - held open across add_* calls until commit/abort
             self._jsonl.close()
             self._jsonl = None
         if self.fsync:
@@ -353,7 +367,7 @@ class ShardWriter:
             if handle is not None:
                 try:
                     handle.close()
-                except Exception:
+                except Exception:  # noqa: BLE001, S110 - best effort: the temp file is deleted next
                     pass
         self._pq_writer = self._jsonl = self._errors_file = None
         for path in (self.tmp_path, self.errors_tmp):
@@ -361,20 +375,6 @@ class ShardWriter:
                 os.remove(path)
             except FileNotFoundError:
                 pass
-
-
-def _compatible(hint: Any, schema: Any) -> bool:
-    """Whether a shard's first buffer fits the schema of earlier shards (then reuse that)."""
-    import pyarrow as pa
-
-    if not set(schema.names) <= set(hint.names):
-        return False
-    for f in schema:
-        target = hint.field(f.name).type
-        if f.type == target or pa.types.is_null(f.type):
-            continue
-        return False
-    return True
 
 
 def read_schema(path: str | os.PathLike[str]) -> Any:

@@ -8,7 +8,13 @@ from prefillonly.errors import InvalidRequestError
 from prefillonly.jobs import JobSpec
 from prefillonly.jobs.template import FillError, Template
 
-BASE = dict(input="in.jsonl", output="out", task="classify", prompt="Review: {text}", task_options={"labels": ["a", "b"]})
+BASE = {
+    "input": "in.jsonl",
+    "output": "out",
+    "task": "classify",
+    "prompt": "Review: {text}",
+    "task_options": {"labels": ["a", "b"]},
+}
 
 
 def test_defaults():
