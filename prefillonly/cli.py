@@ -12,7 +12,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory or cached hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
-    p.add_argument("--max-num-batched-tokens", type=int, default=16384, help="token budget of one step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step (default 16384)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest request accepted (default: the model's)")
 
 
@@ -24,7 +24,7 @@ def _make_llm(args):
     if model is None:
         print("using the embedded default model (converted once, then cached)", file=sys.stderr)
         model = default_model_path()
-    return LLM(model, dtype=args.dtype, device=args.device, max_num_batched_tokens=args.max_num_batched_tokens,
+    return LLM(model, dtype=args.dtype, device=args.device, max_num_batched_tokens=args.max_num_batched_tokens or 16384,
                max_model_len=args.max_model_len)
 
 
@@ -42,6 +42,74 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_run(args) -> int:
+    from .jobs import JobSpec
+
+    options = {
+        "labels": args.labels, "query": args.query, "instruction": args.instruction, "dimensions": args.dimensions,
+        "normalize": False if args.no_normalize else None, "top_k": args.top_k, "truncate": args.truncate,
+        "truncation_side": args.truncation_side, "pooling": args.pooling,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    engine = {"dtype": args.dtype if args.dtype != "auto" else None, "device": args.device,
+              "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len}
+    engine = {k: v for k, v in engine.items() if v is not None}
+    flags = {
+        "input": args.input, "output": args.output, "task": args.task, "prompt": args.prompt,
+        "messages_column": args.messages_column, "id_column": args.id_column, "output_format": args.output_format,
+        "image_columns": args.image_column or None, "rows_per_shard": args.rows_per_shard,
+        "batch_rows": args.batch_rows, "model": args.model, "task_options": options or None, "engine": engine or None,
+    }
+    if args.job:
+        spec = JobSpec.from_file(args.job, **flags)
+    else:
+        spec = JobSpec.from_dict({k: v for k, v in flags.items() if v is not None})
+    progress = not args.no_progress
+    if args.ray:
+        from .jobs.ray_job import run_ray
+
+        summary = run_ray(spec, num_workers=args.data_parallel or 1, progress=progress)
+    elif args.data_parallel and args.data_parallel > 1:
+        from .jobs.parallel import run_data_parallel
+
+        summary = run_data_parallel(spec, args.data_parallel, progress=progress)
+    else:
+        from .jobs.local import run_local
+
+        summary = run_local(spec, progress=progress)
+    print(summary)
+    return 0
+
+
+def _run_parser(sub) -> None:
+    run = sub.add_parser("run", help="run a task over JSONL/CSV/Parquet files; resumable, sharded output")
+    run.add_argument("--job", help="a YAML or JSON job file; flags override its fields")
+    run.add_argument("--input", help="a file, a glob or a directory of .jsonl/.csv/.parquet files")
+    run.add_argument("--output", help="output directory (sharded; rerun the same command to resume)")
+    run.add_argument("--task", choices=["classify", "score", "embed", "next_token"])
+    run.add_argument("--prompt", help="prompt template with {column} fields, e.g. 'Review: {text}'")
+    run.add_argument("--messages-column", help="a column of chat messages instead of --prompt")
+    run.add_argument("--id-column", help="column with row ids (default: 'id' if present, else the row number)")
+    run.add_argument("--image-column", action="append", help="column of image paths, URLs or bytes (repeatable)")
+    run.add_argument("--output-format", choices=["parquet", "jsonl"])
+    run.add_argument("--labels", nargs="+", help="classify: the candidate labels")
+    run.add_argument("--query", help="score: the query every row's text is scored against")
+    run.add_argument("--instruction", help="score/embed: the instruction")
+    run.add_argument("--dimensions", type=int, help="embed: keep the first N dimensions")
+    run.add_argument("--no-normalize", action="store_true", help="embed: skip L2 normalisation")
+    run.add_argument("--pooling", choices=["last", "mean", "cls"], help="embed: pooling (default: the model's)")
+    run.add_argument("--top-k", type=int, help="next_token: alternatives to keep")
+    run.add_argument("--truncate", type=int, help="cut each prompt to N tokens instead of failing long rows")
+    run.add_argument("--truncation-side", choices=["left", "right"])
+    run.add_argument("--rows-per-shard", type=int)
+    run.add_argument("--batch-rows", type=int, help="rows handed to the engine per call")
+    run.add_argument("--data-parallel", type=int, default=0, help="engine processes, one per GPU")
+    run.add_argument("--ray", action="store_true", help="run on a Ray cluster through Ray Data (pip install 'prefillonly[ray]')")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _engine_args(run)
+    run.set_defaults(func=_cmd_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefillonly", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=0, help="use only the first N rows")
     demo.add_argument("--no-compare", action="store_true", help="skip the comparison with transformers")
     demo.set_defaults(func=_cmd_demo)
+    _run_parser(sub)
     return parser
 
 
