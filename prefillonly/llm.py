@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 
 from .engine import ModelRunner, Pooling
+from .engine.accel import configure as configure_speed
 from .engine.loader import load_model, read_checkpoint
 from .errors import CheckpointError, InvalidRequestError, PrefillOnlyError
 from .outputs import ClassifyResult, EmbedResult, NextTokenResult, RerankResult, ScoreResult
@@ -25,6 +26,9 @@ def _resolve_dtype(dtype: DTypeLike, config: Any) -> torch.dtype:
         return dtype
     if dtype is None or dtype == "auto":
         found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if found is None and hasattr(config, "get_text_config"):  # VL configs may set it on text_config only
+            text = config.get_text_config()
+            found = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
         if isinstance(found, torch.dtype):
             return found
         return _DTYPES.get(str(found), torch.float32)
@@ -39,6 +43,25 @@ class LLM:
     Every task method takes one item or a list. For a list, an item that cannot
     be run (empty, too long, unusable) gets a result with ``error`` set and the
     others are answered; for a single item the typed error is raised.
+
+    Vision-language checkpoints (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, jina-reranker-m0,
+    LLaVA-NeXT) take images in chat content parts or through ``images=`` on
+    every task method (see ``prefillonly.multimodal``). ``encoder_cache_bytes``
+    bounds the LRU cache of vision-encoder outputs, keyed by image content
+    (default 1 GiB, on the model's device; 0 turns it off).
+
+    Speed options (each ``None`` = automatic; see ``engine.accel``):
+
+    * ``fused_kernels``: fused Triton kernels for RMSNorm, q/k-norm + rotary and
+      the gated activation, residual adds folded into the GEMMs. Auto: on for
+      CUDA float16/bfloat16 (needs Triton); never on CPU.
+    * ``cuda_graphs``: replay captured CUDA graphs for small steps (under 512
+      tokens), for low latency on single short requests. Auto: on for CUDA.
+    * ``prefill_chunk_size``: hybrid prefilling; a prompt longer than this (it
+      runs alone in its step) has its token-wise layer work (norms, projections,
+      rotary, MLP) run in chunks of this many tokens, so activation memory stays
+      bounded (a 32k-token prompt on Qwen3-0.6B: under 0.5 GiB). Auto: 8192 on
+      CUDA, off on CPU; ``0`` turns it off.
     """
 
     def __init__(
@@ -50,9 +73,16 @@ class LLM:
         max_num_batched_tokens: int = 16384,
         max_model_len: int | None = None,
         use_tqdm: bool = True,
+        encoder_cache_bytes: int | None = None,
+        fused_kernels: bool | None = None,
+        cuda_graphs: bool | None = None,
+        prefill_chunk_size: int | None = None,
     ) -> None:
         if not isinstance(max_num_batched_tokens, int) or max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_batched_tokens", f"must be a positive int; got {max_num_batched_tokens!r}")
+        if max_model_len is not None and (not isinstance(max_model_len, int) or isinstance(max_model_len, bool)
+                                          or max_model_len < 1):
+            raise InvalidRequestError("max_model_len", f"must be a positive int or None; got {max_model_len!r}")
         ckpt = read_checkpoint(model)
         self.path = ckpt.path
         self.config = ckpt.config
@@ -63,8 +93,35 @@ class LLM:
         spec = self.model.spec
         self.max_model_len = max_model_len or spec.max_position_embeddings
         self.runner = ModelRunner(self.model, self.device, max_num_batched_tokens)
+        self.runner.graphs = configure_speed(self.model, self.device, self.dtype, fused_kernels, cuda_graphs,
+                                             prefill_chunk_size)
         self.encoder = PromptEncoder(self.tokenizer, self.max_model_len, spec.vocab_size)
+        self.mm = None  # the multimodal prompt encoder of a vision-language checkpoint
+        if ckpt.vision is not None:
+            self._init_vision(encoder_cache_bytes)
+        elif encoder_cache_bytes is not None:
+            raise InvalidRequestError("encoder_cache_bytes", "this checkpoint has no vision tower")
         self.use_tqdm = use_tqdm
+
+    def _init_vision(self, cache_bytes: int | None) -> None:
+        from .models.vision import EncoderCache
+        from .multimodal import MultimodalPromptEncoder
+
+        info = self.model.info
+        if cache_bytes is not None:
+            if not isinstance(cache_bytes, int) or isinstance(cache_bytes, bool) or cache_bytes < 0:
+                raise InvalidRequestError("encoder_cache_bytes", f"must be a non-negative int; got {cache_bytes!r}")
+            self.model.encoder_cache = EncoderCache(cache_bytes)
+        if info.kind == "llava_next":
+            from .vision.llava_next_preprocess import LlavaNextImagePreprocessor as Proc
+        else:
+            from .vision.qwen_preprocess import QwenImagePreprocessor as Proc
+        try:
+            processor = Proc.from_pretrained(self.path)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"model: preprocessor_config.json in {self.path} is not usable ({e})") from None
+        self.mm = MultimodalPromptEncoder(self.tokenizer, self.max_model_len, self.model.spec.vocab_size, info, processor)
+        self.encoder = self.mm
 
     @staticmethod
     def _load_tokenizer(path):
@@ -77,17 +134,21 @@ class LLM:
 
     # -- tasks -------------------------------------------------------------------------------
 
-    def next_token(self, prompts, top_k: int = 5, *, truncate: int | None = None,
+    def next_token(self, prompts, top_k: int = 5, *, images=None, truncate: int | None = None,
                    truncation_side: Literal["left", "right"] = "right", use_tqdm: bool | None = None):
-        """The most likely next token of each prompt, its logprob and the ``top_k`` alternatives."""
+        """The most likely next token of each prompt, its logprob and the ``top_k`` alternatives.
+
+        ``images`` (vision-language models): for one prompt an image or a list of
+        images; for a list of prompts one entry (None, an image or a list) per prompt.
+        """
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= self.model.spec.vocab_size:
             raise InvalidRequestError("top_k", f"must be an int in [1, vocab size]; got {top_k!r}")
         check_truncation(truncate, truncation_side)
         self._need_lm_head("next_token")
         task = NextTokenTask(self.tokenizer, top_k, truncate, truncation_side)
-        return self._run(task, prompts, "prompts", use_tqdm)
+        return self._run(task, prompts, "prompts", use_tqdm, images)
 
-    def classify(self, prompts, labels: list[str] | None = None, *, truncate: int | None = None,
+    def classify(self, prompts, labels: list[str] | None = None, *, images=None, truncate: int | None = None,
                  truncation_side: Literal["left", "right"] = "right", use_tqdm: bool | None = None):
         """Probability of each label as the answer, normalised over the labels."""
         check_truncation(truncate, truncation_side)
@@ -100,34 +161,62 @@ class LLM:
             if labels is None:
                 raise InvalidRequestError("labels", "this model has no classification head; pass labels=[...]")
             labels = check_str_list(labels, "labels")
+            if len(labels) < 2:  # one label would be normalised to 1.0 (or, before, a sigmoid of a raw logit)
+                raise InvalidRequestError("labels", "pass at least two labels; probabilities are normalised over them")
             self._need_lm_head("classify")
             task = ClassifyTask(labels, tokenize_labels(self.tokenizer, labels), truncate, truncation_side, False)
-        return self._run(task, prompts, "prompts", use_tqdm)
+        return self._run(task, prompts, "prompts", use_tqdm, images)
 
-    def score(self, query: str, documents, *, instruction: str | None = None, truncate: int | None = None,
-              truncation_side: Literal["left", "right"] = "right", use_tqdm: bool | None = None):
-        """Relevance of each document to ``query`` in [0, 1] (Qwen3-Reranker semantics)."""
+    def score(self, query, documents, *, images=None, query_images=None, instruction: str | None = None,
+              truncate: int | None = None, truncation_side: Literal["left", "right"] = "right",
+              use_tqdm: bool | None = None):
+        """Relevance of each document to ``query`` in [0, 1] (Qwen3-Reranker semantics).
+
+        With a vision-language checkpoint the query and each document may be a
+        string, an image, or ``{"text": ..., "image": ...}``; ``images`` adds
+        images to the documents (one entry per document) and ``query_images``
+        to the query. Qwen-VL checkpoints score like Qwen3-VL-Reranker,
+        jina-reranker-m0 with its own head and prompt.
+        """
+        if self.mm is not None:
+            return self._mm_score(query, documents, images, query_images, instruction, truncate, truncation_side, use_tqdm)
+        if images is not None or query_images is not None:
+            raise InvalidRequestError("images", "this model has no vision tower; it cannot take images")
         task = self._score_task(query, instruction, truncate, truncation_side)
         return self._run(task, documents, "documents", use_tqdm)
 
-    def rerank(self, query: str, documents, *, top_n: int | None = None, instruction: str | None = None,
-               truncate: int | None = None, truncation_side: Literal["left", "right"] = "right",
+    def rerank(self, query, documents, *, top_n: int | None = None, images=None, query_images=None,
+               instruction: str | None = None, truncate: int | None = None,
+               truncation_side: Literal["left", "right"] = "right",
                use_tqdm: bool | None = None) -> list[RerankResult]:
         """Documents ordered best first, as (index, score); failed documents come last."""
         if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 0):
             raise InvalidRequestError("top_n", f"must be a non-negative int or None; got {top_n!r}")
-        docs = check_str_list(documents, "documents") if not isinstance(documents, str) else [documents]
-        scores = self.score(query, docs, instruction=instruction, truncate=truncate,
-                            truncation_side=truncation_side, use_tqdm=use_tqdm)
-        ranked = [RerankResult(i, s.score, docs[i], s.error) for i, s in enumerate(scores)]
+        if self.mm is not None:
+            docs = list(documents) if isinstance(documents, (list, tuple)) else [documents]
+            if not docs:
+                raise InvalidRequestError("documents", "is empty; pass at least one")
+        else:
+            docs = check_str_list(documents, "documents") if not isinstance(documents, str) else [documents]
+        if images is not None and not isinstance(documents, (list, tuple)):
+            images = [images]
+        scores = self.score(query, docs, images=images, query_images=query_images, instruction=instruction,
+                            truncate=truncate, truncation_side=truncation_side, use_tqdm=use_tqdm)
+        ranked = [RerankResult(i, s.score, _doc_text(docs[i]), s.error) for i, s in enumerate(scores)]
         ranked.sort(key=lambda r: (r.score is None, -(r.score or 0.0)))
-        return ranked[:top_n] if top_n else ranked
+        return ranked if top_n is None else ranked[:top_n]
 
-    def embed(self, texts, *, dimensions: int | None = None, normalize: bool = True,
+    def embed(self, texts, *, images=None, dimensions: int | None = None, normalize: bool = True,
               instruction: str | None = None, prompt_name: str | None = None,
               pooling: Literal["last", "mean", "cls"] | None = None, truncate: int | None = None,
               truncation_side: Literal["left", "right"] = "right", use_tqdm: bool | None = None):
-        """One vector per text. ``instruction`` formats a query as Qwen3-Embedding expects."""
+        """One vector per text. ``instruction`` formats a query as Qwen3-Embedding expects.
+
+        A vision-language checkpoint embeds like Qwen3-VL-Embedding: each item
+        (a string, an image, ``{"text", "image"}`` or chat messages; ``images``
+        adds images per item) is rendered with the chat template under a system
+        turn holding ``instruction`` (default "Represent the user's input.").
+        """
         check_truncation(truncate, truncation_side)
         hidden = self.model.spec.hidden_size
         if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool) or not 1 <= dimensions <= hidden):
@@ -139,6 +228,9 @@ class LLM:
                 mode = Pooling(pooling)
             except ValueError:
                 raise InvalidRequestError("pooling", f"must be 'last', 'mean' or 'cls'; got {pooling!r}") from None
+        if self.mm is not None:
+            return self._mm_embed(texts, images, mode, dimensions, normalize, instruction, prompt_name,
+                                  truncate, truncation_side, use_tqdm)
         prefix = ""
         if instruction is not None and prompt_name is not None:
             raise InvalidRequestError("instruction", "pass either instruction or prompt_name, not both")
@@ -152,7 +244,38 @@ class LLM:
                 raise InvalidRequestError("prompt_name", f"{prompt_name!r} is not among this model's prompts {sorted(prompts)}")
             prefix = prompts[prompt_name]
         task = EmbedTask(mode, prefix, dimensions, bool(normalize), truncate, truncation_side)
-        return self._run(task, texts, "texts", use_tqdm)
+        return self._run(task, texts, "texts", use_tqdm, images)
+
+    # -- vision-language tasks ----------------------------------------------------------------
+
+    def _mm_score(self, query, documents, images, query_images, instruction, truncate, side, use_tqdm):
+        from .tasks.mm import MultimodalScoreTask
+
+        if instruction is not None and not isinstance(instruction, str):
+            raise InvalidRequestError("instruction", f"expected a string; got {type(instruction).__name__}")
+        check_truncation(truncate, side)
+        style = "jina" if self.model.info.score_head == "jina" else "qwen3_vl"
+        if style != "jina":
+            self._need_lm_head("score")
+        if query_images is not None and not isinstance(query_images, (list, tuple)):
+            query_images = [query_images]
+        task = MultimodalScoreTask(self.mm, query, query_images, instruction, truncate, side, style)
+        return self._run(task, documents, "documents", use_tqdm, images)
+
+    def _mm_embed(self, texts, images, mode, dimensions, normalize, instruction, prompt_name, truncate, side, use_tqdm):
+        from .tasks.mm import MultimodalEmbedTask
+
+        if instruction is not None and prompt_name is not None:
+            raise InvalidRequestError("instruction", "pass either instruction or prompt_name, not both")
+        if instruction is not None and not isinstance(instruction, str):
+            raise InvalidRequestError("instruction", f"expected a string; got {type(instruction).__name__}")
+        if prompt_name is not None:
+            prompts = prompts_from_checkpoint(self.path)
+            if prompt_name not in prompts:
+                raise InvalidRequestError("prompt_name", f"{prompt_name!r} is not among this model's prompts {sorted(prompts)}")
+            instruction = prompts[prompt_name]
+        task = MultimodalEmbedTask(mode, instruction, dimensions, bool(normalize), truncate, side)
+        return self._run(task, texts, "texts", use_tqdm, images)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -178,14 +301,36 @@ class LLM:
         if self.model.lm_head is None:
             raise InvalidRequestError("model", f"{what}() needs an LM head and this checkpoint has none; use embed()")
 
-    def _run(self, task: Task, inputs: Any, field: str, use_tqdm: bool | None):
-        items, single = as_batch(inputs, field)
+    def _run(self, task: Task, inputs: Any, field: str, use_tqdm: bool | None, images: Any = None):
+        if self.mm is not None:
+            try:
+                return self._run_items(task, inputs, field, use_tqdm, images)
+            finally:
+                self.mm.reset()
+        if images is not None:
+            raise InvalidRequestError("images", "this model has no vision tower; it cannot take images")
+        return self._run_items(task, inputs, field, use_tqdm, None)
+
+    def _run_items(self, task: Task, inputs: Any, field: str, use_tqdm: bool | None, images: Any):
+        mm = self.mm
+        if mm is None:
+            items, single = as_batch(inputs, field)
+        else:
+            from .multimodal import align_images, as_mm_batch
+
+            items, single = as_mm_batch(inputs, field)
+            per_images = align_images(images, len(items), single)
         per_item: list[list] = []
         errors: dict[int, PrefillOnlyError] = {}
         for i, item in enumerate(items):
             name = field if single else f"{field}[{i}]"
             try:
-                per_item.append(task.sequences(item, name, self.encoder))
+                if mm is None:
+                    seqs = task.sequences(item, name, self.encoder)
+                else:
+                    mm.begin(per_images[i] if per_images is not None else None)
+                    seqs = mm.finish(task.sequences(item, name, mm), name)
+                per_item.append(seqs)
             except InvalidRequestError as e:
                 if single:
                     raise
@@ -206,3 +351,12 @@ class LLM:
             else:
                 results.append(task.result(item, outs))
         return results[0] if single else results
+
+
+def _doc_text(doc: Any) -> str | None:
+    """What a rerank result echoes as its document: the text (None for an image-only document)."""
+    if isinstance(doc, str):
+        return doc
+    if isinstance(doc, dict) and isinstance(doc.get("text"), str):
+        return doc["text"]
+    return None

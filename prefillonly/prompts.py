@@ -16,7 +16,11 @@ def is_chat(value: Any) -> bool:
 
 
 def is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    if not isinstance(value, list) or len(value) == 0:
+        return False
+    if set(map(type, value)) == {int}:  # the common case, checked at C speed
+        return True
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 def as_batch(prompts: Any, field: str) -> tuple[list[Any], bool]:
@@ -48,7 +52,8 @@ class PromptEncoder:
         elif is_chat(prompt):
             ids = self.render_chat(prompt, field)
         elif is_token_ids(prompt):
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            in_range = min(prompt) >= 0 and max(prompt) < self.vocab_size
+            bad = [] if in_range else [t for t in prompt if not 0 <= t < self.vocab_size]
             if bad:
                 raise InvalidRequestError(field, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
             ids = list(prompt)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..models import CausalLM, spec_from_config, supported_architectures, text_family
+from ..models import CausalLM, spec_from_config, supported_architectures, text_family, vision_kind
 
 # Our fused projections, and where each checkpoint tensor lands in them.
 _PACKED = {
@@ -28,6 +28,7 @@ class Checkpoint:
     path: Path
     config: Any
     family: str
+    vision: str | None = None  # vision tower kind of a vision-language checkpoint
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
@@ -69,7 +70,13 @@ def read_checkpoint(model: str | os.PathLike) -> Checkpoint:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
         raise CheckpointError(f"model: transformers could not read {cfg_file}: {e}") from None
-    return Checkpoint(path, config, family)
+    vision = vision_kind(archs)
+    if vision == "llava_next":  # the LM inside LLaVA-NeXT is whatever text_config says
+        text_type = getattr(config.get_text_config(), "model_type", "llama")
+        family = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}.get(text_type)
+        if family is None:
+            raise CheckpointError(f"model: LLaVA-NeXT with a {text_type!r} language model is not supported")
+    return Checkpoint(path, config, family, vision)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -79,9 +86,44 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _target_name(key: str) -> tuple[str, int | None]:
+# Vision-language checkpoints: transformers 5 nests the decoder under ``model.language_model``
+# and the tower under ``model.visual`` (Qwen3-VL, LLaVA-NeXT), while transformers-4-era files
+# (and Qwen2/2.5-VL as transformers 5 still saves them) use ``model.layers`` and ``visual.``.
+# LLaVA-NeXT's old layout is ``language_model.model.*`` / ``language_model.lm_head``.
+_VL_PREFIXES = (
+    ("model.language_model.", "model."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("language_model.", "model."),  # a bare Qwen3VLModel backbone
+    ("model.visual.", "visual."),
+    ("model.vision_tower.", "vision.vision_tower."),
+    ("vision_tower.", "vision.vision_tower."),
+    ("model.multi_modal_projector.", "vision.multi_modal_projector."),
+    ("multi_modal_projector.", "vision.multi_modal_projector."),
+    ("model.image_newline", "vision.image_newline"),
+    ("image_newline", "vision.image_newline"),
+    ("score.0.", "score.dense."),  # jina-reranker-m0's nn.Sequential head
+    ("score.2.", "score.out_proj."),
+)
+_VISION_ROOTS = ("visual.", "vision.")
+
+
+def _vl_name(key: str) -> str:
+    for old, new in _VL_PREFIXES:
+        if key.startswith(old):
+            key = new + key[len(old):]
+            break
+    clip = "vision.vision_tower."
+    if key.startswith(clip) and not key.startswith(clip + "vision_model."):
+        key = clip + "vision_model." + key[len(clip):]  # CLIP saved without its vision_model level
+    return key
+
+
+def _target_name(key: str, vision: bool = False) -> tuple[str, int | None]:
     """Map a checkpoint tensor name to our parameter name and packed shard index."""
-    if not key.startswith(("model.", "lm_head.", "score.")):
+    if vision:
+        key = _vl_name(key)
+    if not key.startswith(("model.", "lm_head.", "score.")) and not (vision and key.startswith(_VISION_ROOTS)):
         key = "model." + key  # bare-backbone checkpoints (e.g. Qwen3-Embedding)
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -96,8 +138,16 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> Ca
     from safetensors import safe_open
 
     spec = spec_from_config(ckpt.config, ckpt.family)
+    info = None
+    if ckpt.vision is not None:
+        from ..models.vision import VisionLanguageModel, vision_info
+
+        archs = getattr(ckpt.config, "architectures", None) or []
+        info = vision_info(ckpt.config, ckpt.vision, archs)
+        if info.score_head is not None:
+            spec.num_labels = 1
     with torch.device("meta"):
-        model = CausalLM(spec)
+        model = CausalLM(spec) if info is None else VisionLanguageModel(spec, info)
     params = dict(model.named_parameters())
     model.to_empty(device=device)
     model.to(dtype)
@@ -113,35 +163,39 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> Ca
             raise CheckpointError(f"model: {file} is not a readable safetensors file ({e})") from None
         with handle as f:
             for key in f.keys():
-                name, shard = _target_name(key)
+                name, shard = _target_name(key, info is not None)
                 if name not in params:
                     continue  # e.g. rotary buffers some checkpoints carry
                 try:
                     tensor = f.get_tensor(key)
                 except Exception as e:
                     raise CheckpointError(f"model: tensor {key} in {file} is corrupt ({e})") from None
-                _copy_into(params[name], tensor, shard, name, spec)
+                _copy_into(params[name], tensor, shard, name, spec, f"{key} in {file}")
                 filled[name] = filled.get(name, 0) + 1
     _check_complete(model, params, filled, spec)
     return model.eval()
 
 
-def _copy_into(param: torch.nn.Parameter, tensor: torch.Tensor, shard: int | None, name: str, spec) -> None:
+def _copy_into(param: torch.nn.Parameter, tensor: torch.Tensor, shard: int | None, name: str, spec,
+               source: str | None = None) -> None:
     with torch.no_grad():
         if shard is None:
             target = param
         else:
-            sizes = _shard_sizes(name, spec)
+            sizes = _shard_sizes(name, spec, param)
             start = sum(sizes[:shard])
             target = param.narrow(0, start, sizes[shard])
         if tuple(target.shape) != tuple(tensor.shape):
             raise CheckpointError(
-                f"model: tensor for {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(target.shape)}"
+                f"model: tensor {source or name} has shape {tuple(tensor.shape)}, config.json implies {tuple(target.shape)}"
             )
         target.copy_(tensor.to(target.dtype))
 
 
-def _shard_sizes(name: str, spec) -> list[int]:
+def _shard_sizes(name: str, spec, param: torch.Tensor) -> list[int]:
+    rows = param.shape[0]
+    if not name.startswith("model."):  # vision towers: equal q/k/v, equal gate/up
+        return [rows // 3] * 3 if "qkv_proj" in name else [rows // 2] * 2
     if "qkv_proj" in name:
         q = spec.num_heads * spec.head_dim
         kv = spec.num_kv_heads * spec.head_dim

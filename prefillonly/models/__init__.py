@@ -1,5 +1,5 @@
 from .decoder import CausalLM
-from .registry import supported_architectures, text_family
+from .registry import supported_architectures, text_family, vision_kind
 from .spec import DecoderSpec, spec_from_config
 
-__all__ = ["CausalLM", "DecoderSpec", "spec_from_config", "supported_architectures", "text_family"]
+__all__ = ["CausalLM", "DecoderSpec", "spec_from_config", "supported_architectures", "text_family", "vision_kind"]

@@ -30,7 +30,11 @@ class AttentionMeta:
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + n)
-        cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+        cu = torch.tensor(offsets, dtype=torch.int32)
+        if torch.device(device).type == "cuda":  # pinned + non_blocking: no stream sync, the host can run ahead
+            cu = cu.pin_memory().to(device, non_blocking=True)
+        else:
+            cu = cu.to(device)
         return cls(cu, list(lengths), max(lengths))
 
 

@@ -56,6 +56,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, g)
             self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, g)
         self.mlp_chunk: int | None = None  # hybrid prefilling: run the MLP in token chunks
+        # CUDA half-precision fast path (models.fastpath.fused_layer_forward), set by fastpath.enable.
+        self.fast = None
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self.mlp_chunk is None or x.shape[0] <= self.mlp_chunk:
@@ -71,6 +73,8 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast(self, x, positions, meta)
         h = self.self_attn(self.input_layernorm(x), positions, meta)
         if self.sandwich:
             h = self.post_attention_layernorm(h)

@@ -31,15 +31,39 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding computed for arbitrary (packed) position ids."""
+    """Rotary position embedding computed for arbitrary (packed) position ids.
+
+    ``positions`` is (N,) or, for M-RoPE models, (3, N): rows t, h, w. Each
+    rotary frequency then takes its angle from the row its section names
+    (concatenated sections for Qwen2/2.5-VL, interleaved for Qwen3-VL). For
+    text tokens the three rows are equal, which is plain RoPE.
+    """
 
     def __init__(self, rope: RopeSpec) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope.inv_freq.clone(), persistent=False)
         self.scaling = rope.attention_scaling
+        self.mrope_section = rope.mrope_section
+        self.mrope_interleaved = rope.mrope_interleaved
+
+    def _freqs(self, positions: torch.Tensor) -> torch.Tensor:
+        inv = self.inv_freq.float()
+        if positions.dim() == 1:
+            return positions[:, None].float() * inv[None, :]
+        freqs = positions[..., None].float() * inv  # (3, N, D/2)
+        section = self.mrope_section
+        if section is None:
+            return freqs[0]
+        if self.mrope_interleaved:  # t h w t h w ... for the first 3*section[1] pairs, then t
+            out = freqs[0].clone()
+            for row in (1, 2):
+                idx = slice(row, section[row] * 3, 3)
+                out[:, idx] = freqs[row, :, idx]
+            return out
+        return torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(list(section), dim=-1))], dim=-1)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq.float()[None, :]
+        freqs = self._freqs(positions)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
 
@@ -51,9 +75,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
 def activation(name: str):
     if name in ("silu", "swish"):
         return F.silu
+    if name == "quick_gelu":
+        return _quick_gelu
+    if name == "relu":
+        return F.relu
     if name in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new"):
         return lambda x: F.gelu(x, approximate="tanh")
     if name == "gelu":

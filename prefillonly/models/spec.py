@@ -22,6 +22,10 @@ class RopeSpec:
 
     inv_freq: torch.Tensor
     attention_scaling: float = 1.0
+    # M-RoPE (Qwen2/2.5/3-VL): rotary pairs split into (t, h, w) sections, each
+    # rotated by its own row of (3, N) positions; Qwen3-VL interleaves them.
+    mrope_section: tuple[int, ...] | None = None
+    mrope_interleaved: bool = False
 
 
 @dataclass
@@ -60,8 +64,32 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+def _mrope(config: Any) -> tuple[tuple[int, ...] | None, bool]:
+    """M-RoPE sections (and whether they interleave), from rope_parameters or transformers 4's rope_scaling."""
+    for name in ("rope_parameters", "rope_scaling"):
+        entry = getattr(config, name, None)
+        if isinstance(entry, dict) and entry.get("mrope_section"):
+            section = tuple(int(x) for x in entry["mrope_section"])
+            # transformers' Qwen3-VL always interleaves; others only when the config says so.
+            interleaved = bool(entry.get("mrope_interleaved")) or str(getattr(config, "model_type", "")).startswith("qwen3_vl")
+            return section, interleaved
+    return None, False
+
+
 def _rope_for(config: Any, layer_type: str | None, head_dim: int) -> RopeSpec:
     """Resolve rotary parameters the way transformers 5 does (``rope_parameters``)."""
+    rope = _rope_base(config, layer_type, head_dim)
+    section, interleaved = _mrope(config)
+    if section is None:
+        return rope
+    if sum(section) != rope.inv_freq.numel():
+        raise CheckpointError(
+            f"config.json: mrope_section {list(section)} must sum to head_dim/2 = {rope.inv_freq.numel()}"
+        )
+    return RopeSpec(rope.inv_freq, rope.attention_scaling, section, interleaved)
+
+
+def _rope_base(config: Any, layer_type: str | None, head_dim: int) -> RopeSpec:
     params = getattr(config, "rope_parameters", None) or {}
     per_type = layer_type is not None and isinstance(params.get(layer_type), dict)
     entry = params[layer_type] if per_type else params
@@ -70,6 +98,8 @@ def _rope_for(config: Any, layer_type: str | None, head_dim: int) -> RopeSpec:
         theta = _get(config, "rope_theta", default=10000.0)
         entry = {"rope_type": "default", "rope_theta": theta, **(entry or {})}
     rope_type = entry.get("rope_type", entry.get("type", "default"))
+    if rope_type == "mrope":  # transformers 4 spelling of default rotary with M-RoPE sections
+        rope_type = "default"
     if rope_type == "default":
         base = float(entry["rope_theta"])
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))

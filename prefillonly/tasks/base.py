@@ -31,14 +31,23 @@ class Task(Generic[R]):
         raise NotImplementedError
 
 
+def device_copy(t: torch.Tensor, device: torch.device, cache: dict) -> torch.Tensor:
+    """``t`` on ``device``, copied once: a pageable host-to-device copy per step would sync the stream."""
+    key = str(device)
+    if key not in cache:
+        cache[key] = t.to(device)
+    return cache[key]
+
+
 class LabelRowsHead(Head):
     """Logits of a few fixed vocabulary rows: never a full-vocabulary matmul."""
 
     def __init__(self, token_ids: list[int]) -> None:
         self.token_ids = torch.tensor(token_ids, dtype=torch.long)
+        self._on_device: dict = {}
 
     def __call__(self, model, rows, targets):
-        return model.logits(rows, self.token_ids.to(rows.device))
+        return model.logits(rows, device_copy(self.token_ids, rows.device, self._on_device))
 
 
 class ContinuationHead(Head):

@@ -18,6 +18,19 @@ class IdentityHead(Head):
         return rows
 
 
+class EmbedHead(Head):
+    """Truncate to ``dimensions`` and L2-normalise, batched on the model's device."""
+
+    def __init__(self, dimensions: int | None, normalize: bool) -> None:
+        self.dimensions, self.normalize = dimensions, normalize
+
+    def __call__(self, model, rows, targets):
+        vec = rows.float()
+        if self.dimensions is not None:
+            vec = vec[:, : self.dimensions]
+        return torch.nn.functional.normalize(vec, dim=-1) if self.normalize else vec
+
+
 def pooling_from_checkpoint(path: Path) -> Pooling:
     """sentence-transformers' pooling config when the checkpoint has one, else LAST."""
     modules = path / "modules.json"
@@ -56,7 +69,7 @@ class EmbedTask(Task[EmbedResult]):
         self.dimensions = dimensions
         self.normalize = normalize
         self.truncate, self.side = truncate, side
-        self.head = IdentityHead()
+        self.head = EmbedHead(dimensions, normalize)
 
     def sequences(self, item, field, enc):
         if isinstance(item, str):
@@ -67,12 +80,7 @@ class EmbedTask(Task[EmbedResult]):
         return [Sequence(ids, self.pooling)]
 
     def result(self, item, outputs):
-        vec = outputs[0][0]
-        if self.dimensions is not None:
-            vec = vec[: self.dimensions]
-        if self.normalize:
-            vec = torch.nn.functional.normalize(vec, dim=-1)
-        return EmbedResult(embedding=vec.numpy())
+        return EmbedResult(embedding=outputs[0][0].numpy())  # truncated and normalised by EmbedHead
 
     def failed(self, item, message):
         return EmbedResult(error=message)

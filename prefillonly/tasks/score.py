@@ -15,7 +15,7 @@ import torch
 from ..engine.sequence import Head, Pooling, Sequence
 from ..errors import InvalidRequestError
 from ..outputs import ScoreResult
-from .base import ScoreHead, Task
+from .base import ScoreHead, Task, device_copy
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
@@ -42,9 +42,10 @@ class YesNoHead(Head):
 
     def __init__(self, yes_id: int, no_id: int) -> None:
         self.ids = torch.tensor([yes_id, no_id], dtype=torch.long)
+        self._on_device: dict = {}
 
     def __call__(self, model, rows, targets):
-        logits = model.logits(rows, self.ids.to(rows.device))
+        logits = model.logits(rows, device_copy(self.ids, rows.device, self._on_device))
         return logits[:, :1] - logits[:, 1:]
 
 

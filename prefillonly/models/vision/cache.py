@@ -1,0 +1,73 @@
+"""A byte-bounded LRU cache of vision-encoder outputs, keyed by image content."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EncoderStats:
+    """Counters tests and profilers read: tower calls, images encoded, cache hits."""
+
+    calls: int = 0
+    images_encoded: int = 0
+    hits: int = 0
+    misses: int = 0
+
+
+Features = tuple[torch.Tensor, tuple[torch.Tensor, ...]]  # (tokens, H) and the deepstack levels
+
+
+def _nbytes(feat: Features) -> int:
+    main, extra = feat
+    return sum(t.numel() * t.element_size() for t in (main, *extra))
+
+
+class EncoderCache:
+    """Least-recently-used features of images, at most ``max_bytes`` in total.
+
+    An entry larger than the whole budget is not stored. ``max_bytes=0``
+    turns caching off.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0; got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[str, Features] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str) -> Features | None:
+        feat = self._entries.get(key)
+        if feat is not None:
+            self._entries.move_to_end(key)
+        return feat
+
+    def put(self, key: str, feat: Features) -> None:
+        size = _nbytes(feat)
+        if size > self.max_bytes:
+            return
+        if key in self._entries:
+            self.bytes -= self._sizes.pop(key)
+            del self._entries[key]
+        while self._entries and self.bytes + size > self.max_bytes:
+            old, _ = self._entries.popitem(last=False)
+            self.bytes -= self._sizes.pop(old)
+        self._entries[key] = feat
+        self._sizes[key] = size
+        self.bytes += size
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._sizes.clear()
+        self.bytes = 0
