@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,17 @@ class StepInput:
         return int(self.input_ids.shape[0])
 
 
+_ARANGE = torch.arange(0)
+
+
+def _arange(n: int) -> torch.Tensor:
+    """A read-only view of 0..n-1 (one shared buffer: no allocation per sequence)."""
+    global _ARANGE
+    if _ARANGE.numel() < n:
+        _ARANGE = torch.arange(max(n, 2 * _ARANGE.numel(), 4096))
+    return _ARANGE[:n]
+
+
 def build_step(seqs: list[Sequence], device: torch.device) -> StepInput:
     lengths = [len(s) for s in seqs]
     ids: list[int] = []
@@ -34,7 +46,7 @@ def build_step(seqs: list[Sequence], device: torch.device) -> StepInput:
     for s, n in zip(seqs, lengths):
         ids.extend(s.token_ids)
         pos = s.extras.get("positions")
-        positions.append(pos if pos is not None else torch.arange(n))
+        positions.append(pos if pos is not None else _arange(n))
         if s.select is Pooling.LAST:
             rows.append(offset + n - 1)
         elif s.select is Pooling.CLS:
@@ -45,7 +57,9 @@ def build_step(seqs: list[Sequence], device: torch.device) -> StepInput:
             targets.extend(s.targets)
         offset += n
     pin = device.type == "cuda"
-    input_ids = torch.tensor(ids, dtype=torch.long)
+    input_ids = torch.frombuffer(array("q", ids), dtype=torch.long) if ids else torch.zeros(0, dtype=torch.long)
+    if any(p.dim() == 2 for p in positions):  # M-RoPE: text-only sequences get three equal rows
+        positions = [p if p.dim() == 2 else p.expand(3, -1) for p in positions]
     pos_t = torch.cat(positions, dim=-1)
     row_t = torch.tensor(rows, dtype=torch.long)
     tgt_t = torch.tensor(targets, dtype=torch.long) if targets else None
@@ -57,5 +71,5 @@ def build_step(seqs: list[Sequence], device: torch.device) -> StepInput:
         meta=AttentionMeta.from_lengths(lengths, device),
         seqs=seqs,
         row_index=row_t.to(device, non_blocking=pin),
-        targets=None if tgt_t is None else tgt_t.to(device),
+        targets=None if tgt_t is None else (tgt_t.pin_memory() if pin else tgt_t).to(device, non_blocking=pin),
     )

@@ -24,24 +24,40 @@ class ModelRunner:
         self.device = device
         self.max_num_batched_tokens = max_num_batched_tokens
         self.observers: list[StepObserver] = []  # tests and profilers watch steps here
+        self.tokens_processed = 0  # running total, read by batch jobs for tokens/s
+        self.graphs = None  # engine.graphs.StepGraphs: CUDA graphs for small steps (set by the LLM)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], head: Head, use_tqdm: bool = True, desc: str = "prefill") -> list[torch.Tensor | Exception]:
-        """Outputs in the order of ``seqs``: a (rows, K) CPU tensor, or the error of that sequence."""
+        """Outputs in the order of ``seqs``: a (rows, K) CPU tensor, or the error of that sequence.
+
+        On CUDA the steps are pipelined: step k+1 is built and queued before the
+        results of step k are read back, so the host's packing and launches
+        overlap the GPU's work and the GPU does not wait between steps.
+        """
         results: list[torch.Tensor | Exception | None] = [None] * len(seqs)
         steps = plan_steps(seqs, self.max_num_batched_tokens)
         total_tokens = sum(len(s) for s in seqs)
         bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=not use_tqdm or len(seqs) == 0, leave=False)
         start, done_tokens = time.perf_counter(), 0
+        pending: list = []
         for step in steps:
-            for i, out in self._run_step([seqs[i] for i in step], head, step):
-                results[i] = out
+            launched = list(self._run_step([seqs[i] for i in step], head, step))
+            self._collect(pending, results)
+            pending = launched
             done_tokens += sum(len(seqs[i]) for i in step)
             bar.update(len(step))
             bar.set_postfix(tok_s=f"{done_tokens / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)
+        self._collect(pending, results)
         bar.close()
         assert done_tokens == total_tokens
+        self.tokens_processed += total_tokens
         return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _collect(pending: list, results: list) -> None:
+        for i, out in pending:
+            results[i] = out.get() if isinstance(out, _Pending) else out
 
     def _run_step(self, seqs: list[Sequence], head: Head, ids: list[int]):
         try:
@@ -59,14 +75,25 @@ class ModelRunner:
             return
         yield from zip(ids, outs)
 
-    def _execute(self, seqs: list[Sequence], head: Head) -> list[torch.Tensor]:
+    def _execute(self, seqs: list[Sequence], head: Head) -> list:
         step = build_step(seqs, self.device)
         for observe in self.observers:
             observe(step)
-        hidden = self.model.hidden_states(step)
+        if self.graphs is not None and self.graphs.accepts(step):
+            hidden = self.graphs.run(step)
+        else:
+            hidden = self.model.hidden_states(step)
         rows = self._select_rows(hidden, step)
-        out = head(self.model, rows, step.targets).float().cpu()
-        return list(out.split([s.num_rows for s in seqs]))
+        out = head(self.model, rows, step.targets).float()
+        sizes = [s.num_rows for s in seqs]
+        if out.device.type != "cuda":
+            return list(out.cpu().split(sizes))
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        shared = _StepOutput(host, done, sizes)
+        return [_Pending(shared, i) for i in range(len(sizes))]
 
     def _select_rows(self, hidden: torch.Tensor, step: StepInput) -> torch.Tensor:
         """Final-normed rows in sequence order; MEAN sequences contribute their mean."""
@@ -84,3 +111,32 @@ class ModelRunner:
                 r += k
             offset += n
         return torch.cat(pieces)
+
+
+class _StepOutput:
+    """A step's head output whose device-to-host copy may still be in flight; read back once."""
+
+    __slots__ = ("host", "done", "sizes", "parts")
+
+    def __init__(self, host: torch.Tensor, done, sizes: list[int]) -> None:
+        self.host, self.done, self.sizes, self.parts = host, done, sizes, None
+
+    def part(self, i: int) -> torch.Tensor:
+        if self.parts is None:
+            self.done.synchronize()
+            # one pageable copy per step (pinned memory is scarce), split into per-sequence views
+            self.parts = self.host.clone().split(self.sizes)
+            self.host = None
+        return self.parts[i]
+
+
+class _Pending:
+    """One sequence's rows of a step's output."""
+
+    __slots__ = ("step", "index")
+
+    def __init__(self, step: _StepOutput, index: int) -> None:
+        self.step, self.index = step, index
+
+    def get(self) -> torch.Tensor:
+        return self.step.part(self.index)

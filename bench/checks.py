@@ -1,0 +1,348 @@
+"""GPU self-checks run before the benchmark: kernels vs the plain modules, varlen attention, graphs.
+
+Each check returns a dict (never raises); ``ok`` says whether it passed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _guard(fn):
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # a failed check is a result, not a crash
+            return {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+@_guard
+def varlen_signature() -> dict:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return {"ok": True, "signature": str(inspect.signature(varlen_attn))}
+
+
+def _ref_attention(q, k, v, lengths, scale):
+    out = torch.empty_like(q)
+    s = 0
+    g = q.shape[1] // k.shape[1]
+    for n in lengths:
+        qs, ks, vs = (t[s : s + n].transpose(0, 1).float() for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(g, 0), vs.repeat_interleave(g, 0)
+        out[s : s + n] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1).to(q.dtype)
+        s += n
+    return out
+
+
+@_guard
+def varlen_gqa_and_chunks() -> dict:
+    """Packed GQA attention vs float32 SDPA; query-chunked (bottom-right causal) vs whole."""
+    from prefillonly.models.attention import _VARLEN, _VARLEN_GQA, AttentionMeta, packed_attention
+
+    dev = torch.device("cuda")
+    torch.manual_seed(1)
+    lengths = [1, 7, 130, 515, 1024]
+    n = sum(lengths)
+    q = torch.randn(n, 16, 128, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(n, 8, 128, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(n, 8, 128, device=dev, dtype=torch.bfloat16)
+    meta = AttentionMeta.from_lengths(lengths, dev)
+    out = packed_attention(q, k, v, meta, 128**-0.5)
+    ref = _ref_attention(q, k, v, lengths, 128**-0.5)
+    res = {"gqa_kwarg": _VARLEN_GQA, "packed_rel": _rel(out, ref)}
+    # one long sequence, queries in chunks over keys [0, end)
+    L, c = 5000, 1024
+    q1, k1, v1 = q.new_empty(0), None, None
+    q1 = torch.randn(L, 16, 128, device=dev, dtype=torch.bfloat16)
+    k1 = torch.randn(L, 8, 128, device=dev, dtype=torch.bfloat16)
+    v1 = torch.randn(L, 8, 128, device=dev, dtype=torch.bfloat16)
+    whole = packed_attention(q1, k1, v1, AttentionMeta.from_lengths([L], dev), 128**-0.5)
+    kw = {"scale": 128**-0.5, "window_size": (-1, 0)}
+    if _VARLEN_GQA:
+        kw["enable_gqa"] = True
+    parts = []
+    for a in range(0, L, c):
+        b = min(L, a + c)
+        cu_q = torch.tensor([0, b - a], dtype=torch.int32, device=dev)
+        cu_k = torch.tensor([0, b], dtype=torch.int32, device=dev)
+        parts.append(_VARLEN(q1[a:b], k1[:b], v1[:b], cu_q, cu_k, b - a, b, **kw))
+    chunked = torch.cat(parts)
+    res["chunked_vs_whole_maxabs"] = float((chunked.float() - whole.float()).abs().max())
+    res["ok"] = res["packed_rel"] < 1e-2 and res["chunked_vs_whole_maxabs"] < 1e-2
+    return res
+
+
+@_guard
+def kernels_vs_plain() -> dict:
+    """Each fused kernel against the plain module in bf16 on the GPU, and both against float32."""
+    from prefillonly.models import kernels
+    from prefillonly.models.layers import RMSNorm, Rotary, apply_rotary
+    from prefillonly.models.spec import RopeSpec
+
+    dev = torch.device("cuda")
+    torch.manual_seed(2)
+    res = {}
+    for d in (1024, 2560):
+        x = torch.randn(4099, d, device=dev)
+        w = 1 + 0.1 * torch.randn(d, device=dev)
+        norm32 = RMSNorm(d, 1e-6).to(dev)
+        norm32.weight.data = w.clone()
+        ref = norm32(x)
+        norm16 = RMSNorm(d, 1e-6).to(dev).to(torch.bfloat16)
+        norm16.weight.data = w.bfloat16()
+        plain = norm16(x.bfloat16())
+        fused = kernels.rmsnorm(x.bfloat16(), w.bfloat16(), 1e-6)
+        res[f"rmsnorm{d}"] = {"fused_vs_plain_maxabs": float((fused.float() - plain.float()).abs().max()),
+                              "plain_rel32": _rel(plain, ref), "fused_rel32": _rel(fused, ref)}
+    # qk-norm + rope + split
+    hq, hk, hd, n = 16, 8, 128, 3001
+    qkv = torch.randn(n, (hq + 2 * hk) * hd, device=dev)
+    pos = torch.randint(0, 40000, (n,), device=dev)
+    inv = 1.0 / (1e6 ** (torch.arange(0, hd, 2).float() / hd))
+    rot = Rotary(RopeSpec(inv, 1.0)).to(dev)
+    qw, kw = 1 + 0.1 * torch.randn(hd, device=dev), 1 + 0.1 * torch.randn(hd, device=dev)
+
+    def plain_path(t, dtype):
+        qn, kn = RMSNorm(hd, 1e-6).to(dev).to(dtype), RMSNorm(hd, 1e-6).to(dev).to(dtype)
+        qn.weight.data, kn.weight.data = qw.to(dtype), kw.to(dtype)
+        q, k, v = t.to(dtype).split([hq * hd, hk * hd, hk * hd], -1)
+        q, k, v = qn(q.reshape(n, hq, hd)), kn(k.reshape(n, hk, hd)), v.reshape(n, hk, hd)
+        cos, sin = rot.cos_sin(pos, dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    r32 = plain_path(qkv, torch.float32)
+    p16 = plain_path(qkv, torch.bfloat16)
+    cos, sin = rot.cos_sin(pos, torch.float32)
+    f16 = kernels.qk_norm_rope(qkv.bfloat16(), cos[:, : hd // 2].contiguous(), sin[:, : hd // 2].contiguous(),
+                               hq, hk, hd, qw.bfloat16(), kw.bfloat16(), 1e-6)
+    f16_full = kernels.qk_norm_rope(qkv.bfloat16(), cos, sin, hq, hk, hd, qw.bfloat16(), kw.bfloat16(), 1e-6)
+    res["qk_norm_rope"] = {
+        name: {"plain_rel32": _rel(p, r), "fused_rel32": _rel(f, r), "fused_full_table_rel32": _rel(ff, r),
+               "fused_vs_plain_maxabs": float((f.float() - p.float()).abs().max())}
+        for name, p, f, ff, r in zip("qkv", p16, f16, f16_full, r32)
+    }
+    gu = torch.randn(4097, 2 * 3072, device=dev)
+    ref = F.silu(gu[:, :3072]) * gu[:, 3072:]
+    g16 = gu.bfloat16()
+    plain = F.silu(g16[:, :3072]) * g16[:, 3072:]
+    fused = kernels.act_mul(g16, "silu")
+    res["act_mul"] = {"fused_vs_plain_maxabs": float((fused.float() - plain.float()).abs().max()),
+                      "plain_rel32": _rel(plain, ref), "fused_rel32": _rel(fused, ref)}
+    worst = max(
+        [v["fused_rel32"] / max(v["plain_rel32"], 1e-9) for k, v in res.items() if k.startswith("rmsnorm")]
+        + [v["fused_rel32"] / max(v["plain_rel32"], 1e-9) for v in res["qk_norm_rope"].values()]
+        + [res["act_mul"]["fused_rel32"] / res["act_mul"]["plain_rel32"]]
+    )
+    res["worst_fused_over_plain_error"] = worst
+    res["ok"] = worst < 1.5  # the fused kernels are at least about as accurate as the plain bf16 path
+    return res
+
+
+@_guard
+def fused_model_vs_plain(model_dir: str) -> dict:
+    """Whole-model final hidden states against a float32 copy: plain bf16, fused, hybrid (single long
+    sequence, both long-attention modes) and graph replays. Each bf16 variant must be about as close
+    to float32 as the plain bf16 path is (a random model amplifies rounding, so bf16 paths differ
+    from each other by about that much too)."""
+    from prefillonly.engine.accel import configure
+    from prefillonly.engine.batch import build_step
+    from prefillonly.engine.loader import load_model, read_checkpoint
+    from prefillonly.engine.sequence import Sequence
+    from prefillonly.models import fastpath
+
+    dev = torch.device("cuda")
+    ck = read_checkpoint(model_dir)
+    g = torch.Generator().manual_seed(3)
+    rand = lambda n: Sequence(torch.randint(0, 150000, (n,), generator=g).tolist())  # noqa: E731
+    multi = [rand(n) for n in (3, 64, 300, 1000, 2500)]
+    one = [rand(3000)]
+    small = [[rand(64)], [rand(64), rand(17)], [rand(17)]]
+
+    def run(m, seqs):
+        st = build_step(seqs, dev)
+        return m.final_norm(m.hidden_states(st).index_select(0, st.row_index)).float()
+
+    res = {}
+    with torch.inference_mode():
+        m32 = load_model(ck, torch.float32, dev)
+        ref_multi, ref_one = run(m32, multi), run(m32, one)
+        ref_small = [run(m32, b) for b in small]
+        del m32
+        torch.cuda.empty_cache()
+        m = load_model(ck, torch.bfloat16, dev)
+        configure(m, dev, torch.bfloat16, fused_kernels=False, cuda_graphs=False, prefill_chunk_size=0)
+        res["plain_rel32"] = _rel(run(m, multi), ref_multi)
+        res["plain_single_rel32"] = _rel(run(m, one), ref_one)
+        res["plain_small_rel32"] = max(_rel(run(m, b), r) for b, r in zip(small, ref_small))
+        configure(m, dev, torch.bfloat16, fused_kernels=True, cuda_graphs=False, prefill_chunk_size=0)
+        res["fused_rel32"] = _rel(run(m, multi), ref_multi)
+        configure(m, dev, torch.bfloat16, fused_kernels=True, cuda_graphs=False, prefill_chunk_size=512)
+        for mode in ("varlen", "sdpa"):
+            fastpath.LONG_ATTENTION = mode
+            res[f"hybrid_{mode}_single_rel32"] = _rel(run(m, one), ref_one)
+        fastpath.LONG_ATTENTION = "varlen"
+        configure(m, dev, torch.bfloat16, fused_kernels=True, cuda_graphs=False, prefill_chunk_size=None)
+        for mode in ("padded",):
+            fastpath.MULTI_ATTENTION = mode
+            try:
+                res[f"multi_{mode}_rel32"] = _rel(run(m, multi), ref_multi)
+            except Exception as e:
+                res[f"multi_{mode}_rel32"] = f"{type(e).__name__}: {str(e)[:300]}"
+        fastpath.MULTI_ATTENTION = "varlen"
+        graphs = configure(m, dev, torch.bfloat16, fused_kernels=True, cuda_graphs=True, prefill_chunk_size=None)
+        errs = []
+        for b, r in zip(small + small, ref_small + ref_small):  # capture, then replay
+            st = build_step(b, dev)
+            assert graphs.accepts(st)
+            errs.append(_rel(m.final_norm(graphs.run(st).index_select(0, st.row_index)).float(), r))
+        res["graph_small_rel32"] = max(errs)
+        res["graphs_captured"] = [list(k) for k in graphs.graphs]
+    tol = lambda ref: 1.5 * ref + 2e-3  # noqa: E731
+    res["ok"] = (res["fused_rel32"] <= tol(res["plain_rel32"])
+                 and res["hybrid_varlen_single_rel32"] <= tol(res["plain_single_rel32"])
+                 and res["hybrid_sdpa_single_rel32"] <= tol(res["plain_single_rel32"])
+                 and res["graph_small_rel32"] <= tol(res["plain_small_rel32"]))
+    return res
+
+
+@_guard
+def long_attention_micro(length: int = 32768) -> dict:
+    """One causal sequence, Qwen3-0.6B heads (16 q / 8 kv, d 128): time and extra memory per kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from prefillonly.models.attention import _VARLEN, _VARLEN_GQA
+
+    dev = torch.device("cuda")
+    L, hq, hk, d = length, 16, 8, 128
+    q = torch.randn(L, hq, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(L, hk, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(L, hk, d, device=dev, dtype=torch.bfloat16)
+    cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
+    kw = {"scale": d**-0.5, "window_size": (-1, 0)}
+    if _VARLEN_GQA:
+        kw["enable_gqa"] = True
+
+    def chunked(c=8192):
+        for a in range(0, L, c):
+            b = min(L, a + c)
+            _VARLEN(q[a:b], k[:b], v[:b], torch.tensor([0, b - a], dtype=torch.int32, device=dev),
+                    torch.tensor([0, b], dtype=torch.int32, device=dev), b - a, b, **kw)
+
+    def sdpa(backend=None):
+        args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+        if backend is None:
+            return F.scaled_dot_product_attention(*args, is_causal=True, scale=d**-0.5, enable_gqa=True)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(*args, is_causal=True, scale=d**-0.5, enable_gqa=True)
+
+    cases = {
+        "varlen_whole": lambda: _VARLEN(q, k, v, cu, cu, L, L, **kw),
+        "varlen_qchunks8192": chunked,
+        "sdpa_auto": sdpa,
+        "sdpa_cudnn": lambda: sdpa(SDPBackend.CUDNN_ATTENTION),
+        "sdpa_flash": lambda: sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa_efficient": lambda: sdpa(SDPBackend.EFFICIENT_ATTENTION),
+    }
+    flops = 2 * L * L * hq * d
+    res = {}
+    for name, fn in cases.items():
+        try:
+            fn()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            times = []
+            for _ in range(5):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                e.synchronize()
+                times.append(s.elapsed_time(e) / 1e3)
+            t = sorted(times)[2]
+            res[name] = {"ms": t * 1e3, "tflops": flops / t / 1e12,
+                         "extra_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
+        except Exception as e:
+            res[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    res["ok"] = True
+    return res
+
+
+@_guard
+def multi_attention_micro() -> dict:
+    """Attention of one packed multi-sequence step (W1- and W2-like lengths) in each mode, time only."""
+    from prefillonly.models.attention import AttentionMeta, packed_attention
+
+    dev = torch.device("cuda")
+    hq, hk, d = 16, 8, 128
+    res = {}
+    g = torch.Generator().manual_seed(5)
+    for name, lo, hi, budget in (("w1_like", 540, 620, 16384), ("w2_like", 250, 280, 16384)):
+        lengths = []
+        while sum(lengths) + hi <= budget:
+            lengths.append(int(torch.randint(lo, hi + 1, (1,), generator=g)))
+        n = sum(lengths)
+        meta = AttentionMeta.from_lengths(lengths, dev)
+        q = torch.randn(n, hq, d, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(n, hk, d, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(n, hk, d, device=dev, dtype=torch.bfloat16)
+        b, lmax = len(lengths), max(lengths)
+        rows = torch.cat([torch.arange(i * lmax, i * lmax + L) for i, L in enumerate(lengths)]).to(dev)
+        bidx = torch.cat([torch.full((L,), i) for i, L in enumerate(lengths)]).to(dev)
+        pidx = torch.cat([torch.arange(L) for L in lengths]).to(dev)
+        cu = meta.cu_seqlens
+
+        def padded():
+            qp = torch.zeros(b * lmax, hq, d, device=dev, dtype=q.dtype)
+            kp = torch.zeros(b * lmax, hk, d, device=dev, dtype=q.dtype)
+            vp = torch.zeros(b * lmax, hk, d, device=dev, dtype=q.dtype)
+            qp[rows], kp[rows], vp[rows] = q, k, v  # in the engine the q/k/v kernel scatters for free
+            sh = lambda t: t.view(b, lmax, t.shape[1], d).transpose(1, 2)  # noqa: E731
+            o4 = F.scaled_dot_product_attention(sh(qp), sh(kp), sh(vp), is_causal=True, scale=d**-0.5, enable_gqa=True)
+            return o4[bidx, :, pidx]
+
+        def cudnn(expand):
+            kk, vv = (k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)) if expand else (k, v)
+            return torch.ops.aten._cudnn_attention_forward(q, kk, vv, None, cu, cu, lmax, lmax, True, 0.0, True, False,
+                                                          scale=d**-0.5)[0]
+
+        ref = packed_attention(q, k, v, meta, d**-0.5)
+        cases = {"varlen": lambda: packed_attention(q, k, v, meta, d**-0.5), "padded": padded,
+                 # cuDNN's ragged path through the private aten op (off in torch's varlen_attn): 0.3-0.7 TFLOP/s
+                 # on an H100 with torch 2.11 (bench/NOTES.md), kept here to re-measure on newer builds
+                 "cudnn": lambda: cudnn(False), "cudnn_x": lambda: cudnn(True)}
+        flops = sum(2 * L * L * hq * d for L in lengths)
+        out = {"tokens": n, "seqs": b}
+        for cname, fn in cases.items():
+            try:
+                o = fn()
+                err = float((o.float().reshape(n, -1) - ref.float().reshape(n, -1)).abs().max())
+                torch.cuda.synchronize()
+                times = []
+                for _ in range(7):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    fn()
+                    e.record()
+                    e.synchronize()
+                    times.append(s.elapsed_time(e) / 1e3)
+                t = sorted(times)[3]
+                out[cname] = {"ms": t * 1e3, "tflops": flops / t / 1e12, "maxabs_vs_varlen": err}
+            except Exception as ex:
+                out[cname] = {"error": f"{type(ex).__name__}: {str(ex)[:300]}"}
+        res[name] = out
+    res["ok"] = True
+    return res
