@@ -43,7 +43,9 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_run(args) -> int:
+    from .errors import InvalidRequestError
     from .jobs import JobSpec
+    from .jobs.engine_processor import check_job
 
     options = {
         "labels": args.labels, "query": args.query, "instruction": args.instruction, "dimensions": args.dimensions,
@@ -65,6 +67,9 @@ def _cmd_run(args) -> int:
     else:
         spec = JobSpec.from_dict({k: v for k, v in flags.items() if v is not None})
     progress = not args.no_progress
+    if args.data_parallel < 0:
+        raise InvalidRequestError("data_parallel", f"must be a positive number of engine processes, got {args.data_parallel}")
+    check_job(spec)  # option mistakes fail here, before any model, worker process or Ray actor starts
     if args.ray:
         from .jobs.ray_job import run_ray
 
@@ -103,8 +108,11 @@ def _run_parser(sub) -> None:
     run.add_argument("--truncation-side", choices=["left", "right"])
     run.add_argument("--rows-per-shard", type=int)
     run.add_argument("--batch-rows", type=int, help="rows handed to the engine per call")
-    run.add_argument("--data-parallel", type=int, default=0, help="engine processes, one per GPU")
-    run.add_argument("--ray", action="store_true", help="run on a Ray cluster through Ray Data (pip install 'prefillonly[ray]')")
+    run.add_argument("--data-parallel", type=int, default=0,
+                     help="engine processes on this host, one per GPU; with --ray, the number of engine actors")
+    run.add_argument("--ray", action="store_true",
+                     help="run through Ray Data on the cluster at $RAY_ADDRESS, or on a local Ray instance "
+                          "(pip install 'prefillonly[ray]'); same output, resumable")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     _engine_args(run)
     run.set_defaults(func=_cmd_run)

