@@ -15,63 +15,27 @@ Results: JSON (``--out``) and a markdown table (same name, ``.md``).
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import json
-import math
 import os
-import platform
 import random
-import shutil
-import statistics
-import sys
-import time
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+from bench import common
+from bench.common import (CONFIGS, LABELS, GiB, agree_probs, build_checkpoint, free, gpu_busy, load_ours, log,
+                          matmul_ceiling, mem_allocated, mem_base, mem_peak, reset_peak, run_meta, sync, timed,
+                          write_results)
 
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
-CONFIGS = HERE / "configs"
-TOKENIZER = HERE / "tokenizer_qwen3"
 YES, NO = 9693, 2152  # "yes" / "no" in the Qwen3 vocabulary
 from prefillonly.models import fastpath as _fp  # noqa: E402
 
 DEFAULT_LONG_ATTENTION = _fp.LONG_ATTENTION
 DEFAULT_MULTI_ATTENTION = _fp.MULTI_ATTENTION
-LABELS = ["yes", "no"]
-GiB = 1024**3
 
-
-DEV = "cuda"  # --dry-cpu switches to "cpu" with tiny models, to test this script without a GPU
-SHRINK: dict = {}
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def sync():
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-
-
-def mem_allocated() -> int:
-    return torch.cuda.memory_allocated() if DEV == "cuda" else 0
-
-
-def mem_peak() -> int:
-    return torch.cuda.max_memory_allocated() if DEV == "cuda" else 0
-
-
-def reset_peak():
-    if DEV == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+SHRINK: dict = {}  # --dry-cpu: config overrides that make the models tiny
 
 
 # -- counting ---------------------------------------------------------------------------------
@@ -91,29 +55,6 @@ def flops(counts: dict, lengths: list[int]) -> float:
     return float(sum(2 * p * L + nl * 2 * L * L * d for L in lengths))
 
 
-def matmul_ceiling() -> dict:
-    if DEV != "cuda":
-        return {"tflops": 1.0, "median_s": 0.0}
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(20):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    t = statistics.median(times)
-    del a, b
-    if DEV == "cuda":
-        torch.cuda.empty_cache()
-    return {"tflops": 2 * n**3 / t / 1e12, "median_s": t}
-
-
 # -- checkpoints ------------------------------------------------------------------------------
 
 
@@ -122,25 +63,7 @@ def make_checkpoint(config_name: str, out_dir: Path, bare: bool = False, seed: i
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(CONFIGS / config_name, **SHRINK)
-    torch.manual_seed(seed)
-    cls = AutoModel if bare else AutoModelForCausalLM
-    with torch.device(DEV):
-        model = cls.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model = model.to(DEV).eval()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    model.save_pretrained(out_dir)
-    for f in TOKENIZER.iterdir():
-        shutil.copy(f, out_dir / f.name)
-    return model, cfg
-
-
-def free(*objs):
-    for o in objs:
-        del o
-    gc.collect()
-    if DEV == "cuda":
-        torch.cuda.empty_cache()
+    return build_checkpoint(cfg, AutoModel if bare else AutoModelForCausalLM, out_dir, seed), cfg
 
 
 # -- workloads --------------------------------------------------------------------------------
@@ -149,60 +72,6 @@ def free(*objs):
 def random_prompts(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(0, 151643) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-
-
-def timed(fn, passes: int) -> dict:
-    """One untimed warm pass, then ``passes`` timed ones; peak memory over all of them."""
-    reset_peak()
-    out = fn()
-    sync()
-    times = []
-    for _ in range(passes):
-        sync()
-        t = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "times_s": times, "peak_bytes": mem_peak(),
-            "out": out}
-
-
-def gpu_busy(fn) -> dict:
-    """Kernel time (union of device intervals) of one pass, from the profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        t = time.perf_counter()
-        fn()
-        sync()
-        wall = time.perf_counter() - t
-    spans = []
-    for e in prof.events():
-        if str(getattr(e, "device_type", "")).endswith("CUDA"):
-            tr = e.time_range
-            spans.append((tr.start, tr.end))
-    spans.sort()
-    busy, cur_s, cur_e = 0.0, None, None
-    for s, e in spans:
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        busy += cur_e - cur_s
-    top = []
-    try:
-        for evt in prof.key_averages():
-            t = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
-            if t and str(getattr(evt, "device_type", "")).endswith("CUDA"):
-                top.append((t / 1e6, evt.count, evt.key[:90]))
-        top.sort(reverse=True)
-    except Exception as e:  # the breakdown is a nicety
-        top = [(0.0, 0, f"breakdown failed: {e}")]
-    return {"kernel_busy_s": busy / 1e6, "profiled_wall_s": wall, "events": len(spans), "top_kernels_s": top[:16]}
 
 
 def hf_batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -228,7 +97,7 @@ def _padded(prompts, batch):
         ids[r, : len(p)] = torch.tensor(p)
         mask[r, : len(p)] = 1
         lens.append(len(p))
-    if DEV != "cuda":
+    if common.DEV != "cuda":
         return ids, mask, torch.tensor(lens)
     return (ids.pin_memory().cuda(non_blocking=True), mask.pin_memory().cuda(non_blocking=True),
             torch.tensor(lens).pin_memory().cuda(non_blocking=True))
@@ -268,7 +137,7 @@ def hf_embed(model, prompts, budget, st=None):
 
 @torch.inference_mode()
 def hf_single(model, prompt):
-    ids = torch.tensor([prompt]).to(DEV)
+    ids = torch.tensor([prompt]).to(common.DEV)
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
     return float(torch.softmax(logits[[YES, NO]].float(), -1)[0].cpu())
 
@@ -293,15 +162,6 @@ def set_variant(llm, fused=None, graphs=None, chunk=None, budget=16384, attn=Non
     llm.runner.max_num_batched_tokens = budget
     fastpath.LONG_ATTENTION = attn or DEFAULT_LONG_ATTENTION
     fastpath.MULTI_ATTENTION = multi or DEFAULT_MULTI_ATTENTION
-
-
-def agree_probs(a, b) -> dict:
-    import numpy as np
-
-    a, b = np.asarray(a), np.asarray(b)
-    return {"max_abs_dp": float(np.abs(a - b).max()), "mean_abs_dp": float(np.abs(a - b).mean()),
-            "argmax_agree": float(((a > 0.5) == (b > 0.5)).mean()),
-            "ok": bool(np.abs(a - b).max() <= 2e-2 and ((a > 0.5) == (b > 0.5)).mean() >= 0.99)}
 
 
 def agree_emb(a, b) -> dict:
@@ -342,35 +202,9 @@ class Bench:
         self.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(self):
-        meta = {
-            "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run)", "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "python": platform.python_version(), "commit": self.args.commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "passes": self.passes, "ceiling": self.ceiling,
-            "gpu_total_gib": torch.cuda.get_device_properties(0).total_memory / GiB if DEV == "cuda" else 0,
-        }
-        try:
-            import transformers
-
-            meta["transformers"] = transformers.__version__
-        except Exception:
-            pass
-        data = {"meta": meta, "checks": self.checks, "rows": self.rows, "extra": self.extra}
-        self.out.write_text(json.dumps(data, indent=1, default=str))
-        self.out.with_suffix(".md").write_text(markdown(data))
-
-    def base(self):
-        free()
-        return mem_allocated()
-
-    def load_ours(self, path, **kw):
-        from prefillonly import LLM
-
-        base = self.base()
-        llm = LLM(str(path), dtype="bfloat16", device=DEV, use_tqdm=False, **kw)
-        sync()
-        return llm, base, mem_allocated() - base
+        data = {"meta": run_meta(self.args.commit, self.passes, ceiling=self.ceiling), "checks": self.checks,
+                "rows": self.rows, "extra": self.extra}
+        write_results(self.out, data, markdown)
 
     def run(self):
         self.ceiling = matmul_ceiling()["tflops"]
@@ -402,7 +236,7 @@ class Bench:
         prompts = random_prompts(a.w1_n, a.w1_lo, a.w1_hi, seed=1)
         lengths = [len(p) for p in prompts]
         d = self.tmp / config
-        base = self.base()
+        base = mem_base()
         hf, cfg = make_checkpoint(config, d)
         sync()
         counts = model_counts(cfg)
@@ -443,7 +277,7 @@ class Bench:
             self.extra[f"{name}_transformers_busy"] = gpu_busy(lambda: hf_classify(hf, prompts, row["budget"]))
         del hf
         free()
-        llm, base, w = self.load_ours(d)
+        llm, base, w = load_ours(d)
         variants = VARIANTS_W1 if name == "W1" else VARIANTS_W4
         for vname, kw in variants(a):
             set_variant(llm, **kw)
@@ -461,7 +295,7 @@ class Bench:
         if a.profile:
             self.extra[f"{name}_prefillonly_busy"] = gpu_busy(lambda: ours_classify(llm, prompts))
             log(f"  busy {self.extra[f'{name}_prefillonly_busy']}")
-        if DEV == "cuda":
+        if common.DEV == "cuda":
             self.extra[f"{name}_kv_engine_reserve_gib"] = 0.9 * torch.cuda.get_device_properties(0).total_memory / GiB
         del llm
         free()
@@ -477,7 +311,7 @@ class Bench:
         prompts = random_prompts(a.w2_n, a.w2_lo, a.w2_hi, seed=2)
         lengths = [len(p) for p in prompts]
         d = self.tmp / "Qwen3-Embedding-0.6B"
-        base = self.base()
+        base = mem_base()
         hf, cfg = make_checkpoint("Qwen3-Embedding-0.6B", d, bare=True)
         sync()
         counts = model_counts(cfg)
@@ -494,7 +328,7 @@ class Bench:
                 raise RuntimeError("skipped (--no-st)")
             from sentence_transformers import SentenceTransformer, models
 
-            base = self.base()
+            base = mem_base()
             tr = models.Transformer(str(d), model_args={"dtype": torch.bfloat16, "attn_implementation": "sdpa"})
             pool = models.Pooling(tr.get_word_embedding_dimension(), pooling_mode="lasttoken")
             st = SentenceTransformer(modules=[tr, pool, models.Normalize()], device="cuda")
@@ -520,7 +354,7 @@ class Bench:
             self.extra["W2_st_error"] = traceback.format_exc()[-3000:]
             log("sentence-transformers baseline failed:\n" + self.extra["W2_st_error"])
         free()
-        llm, base, w = self.load_ours(d)
+        llm, base, w = load_ours(d)
         for vname, kw in VARIANTS_W2(a):
             set_variant(llm, **kw)
             r = timed(lambda: ours_embed(llm, prompts), self.passes)
@@ -547,7 +381,7 @@ class Bench:
         d = self.tmp / "Qwen3-0.6B"
         sweep = [int(x) for x in a.w3_lengths.split(",")]
         prompts = {L: random_prompts(1, L, L, seed=3 + L)[0] for L in sweep}
-        base = self.base()
+        base = mem_base()
         hf, cfg = make_checkpoint("Qwen3-0.6B", d)
         sync()
         counts = model_counts(cfg)
@@ -556,7 +390,7 @@ class Bench:
 
         @torch.inference_mode()
         def hf_one(p):
-            ids = torch.tensor([p]).to(DEV)
+            ids = torch.tensor([p]).to(common.DEV)
             hs = hf.model(input_ids=ids, use_cache=False).last_hidden_state
             return float(torch.softmax(hf.lm_head(hs[:, -1])[0, [YES, NO]].float(), -1)[0].cpu())
 
@@ -575,7 +409,7 @@ class Bench:
         self.rows.append(summarize("W3", "transformers", r, [T], counts, self.ceiling, base, w))
         del hf
         free()
-        llm, base, w = self.load_ours(d)
+        llm, base, w = load_ours(d)
         mem_ours, got = {}, {}
         for vname, kw in VARIANTS_W3(a):
             set_variant(llm, **kw)
@@ -602,7 +436,7 @@ class Bench:
         a = self.args
         d = self.tmp / "Qwen3-0.6B"
         prompts = random_prompts(a.w5_requests, a.w5_len, a.w5_len, seed=5)
-        base = self.base()
+        base = mem_base()
         hf, cfg = make_checkpoint("Qwen3-0.6B", d)
         sync()
         counts = model_counts(cfg)
@@ -614,7 +448,7 @@ class Bench:
         ref = r["out"]
         del hf
         free()
-        llm, base, w = self.load_ours(d)
+        llm, base, w = load_ours(d)
         for vname, kw in VARIANTS_W5(a):
             set_variant(llm, **kw)
             r = timed(lambda: [llm.classify(p, labels=LABELS, use_tqdm=False).probs["yes"] for p in prompts], self.passes)
@@ -735,8 +569,7 @@ def main(argv=None):
     if args.hf_budget not in [int(b) for b in args.hf_budgets.split(",")]:
         args.hf_budgets = f"{args.hf_budget},{args.hf_budgets}"
     if args.dry_cpu:
-        global DEV
-        DEV = "cpu"
+        common.use_cpu()
         SHRINK.update(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=32, layer_types=["full_attention"] * 2, max_window_layers=2)
         args.checks, args.profile = False, False
