@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+from typing import NoReturn
 
-from .errors import PrefillOnlyError
+from .errors import InvalidRequestError, PrefillOnlyError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``error: ...``), like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -24,17 +35,46 @@ def _make_llm(args):
     if model is None:
         print("using the embedded default model (converted once, then cached)", file=sys.stderr)
         model = default_model_path()
-    return LLM(model, dtype=args.dtype, device=args.device, max_num_batched_tokens=args.max_num_batched_tokens or 16384,
+    budget = 16384 if args.max_num_batched_tokens is None else args.max_num_batched_tokens  # 0 is refused, not "default"
+    return LLM(model, dtype=args.dtype, device=args.device, max_num_batched_tokens=budget,
                max_model_len=args.max_model_len)
 
 
-def _cmd_demo(args) -> int:
-    from .demo import load_dataset, run_demo
+def _demo_rows(path: str | None, limit: int) -> list[dict]:
+    """The demo's labelled rows, checked before any model loads: a bad --data file is one clear line."""
+    from .demo import LABELS, load_dataset
 
+    if limit < 0:
+        raise InvalidRequestError("limit", f"must be 0 (all rows) or a positive number of rows; got {limit}")
+    if path is None:
+        return load_dataset()[:limit] if limit else load_dataset()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise InvalidRequestError("data", f"cannot read {path!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise InvalidRequestError("data", f"{path!r} is not UTF-8 text; pass a JSONL file") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError("data", f"{path!r} line {i} is not JSON ({e.msg}); pass a JSONL file") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or row.get("label") not in LABELS:
+            raise InvalidRequestError("data", f"{path!r} line {i}: each row needs a string 'text' and a 'label' in {LABELS}")
+        rows.append(row)
+    if not rows:
+        raise InvalidRequestError("data", f"{path!r} has no rows")
+    return rows[:limit] if limit else rows
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    rows = _demo_rows(args.data, args.limit)
     llm = _make_llm(args)
-    rows = load_dataset(args.data)
-    if args.limit:
-        rows = rows[: args.limit]
     report, _ = run_demo(llm, rows, compare=not args.no_compare)
     print(f"prefillonly demo: sentiment classification on {llm.path.name} ({llm.device}, {str(llm.dtype).removeprefix('torch.')})")
     for line in report.lines():
@@ -43,7 +83,6 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .errors import InvalidRequestError
     from .jobs import JobSpec
     from .jobs.engine_processor import check_job
 
@@ -119,7 +158,7 @@ def _run_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefillonly", description=__doc__)
+    parser = _Parser(prog="prefillonly", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="classify the bundled labelled set with the default model and report accuracy, speed and agreement with transformers")
     _engine_args(demo)
@@ -131,13 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: str) -> str:
+    """A multi-line message (a YAML parser's, say) folded onto one line."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip() not in ("", "^"))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command: 0 on success; on failure one ``error: ...`` line on stderr and a non-zero code
+    (2: bad arguments, input or model; 1: anything else; 130: interrupted).
+    PREFILLONLY_DEBUG=1 shows the traceback of an unexpected error instead."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except PrefillOnlyError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an unreadable file deep in a library: still one line, unless debugging
+        if os.environ.get("PREFILLONLY_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {_one_line(str(e))} (PREFILLONLY_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -140,6 +140,13 @@ class MultimodalPromptEncoder(PromptEncoder):
                     seq.extras["positions"] = mrope_positions(len(seq), refs, self.info.merge_size)
         return seqs
 
+    def mark(self) -> int:
+        """A point to :meth:`rollback` to: a task that renders a prompt again drops the first rendering's images."""
+        return len(self._recorded)
+
+    def rollback(self, mark: int) -> None:
+        del self._recorded[mark:]
+
     def reset(self) -> None:
         """Forget the images of a finished call."""
         self._pending, self._recorded, self._items, self._by_source = None, [], {}, {}

@@ -9,7 +9,7 @@ import contextlib
 import pytest
 
 from tiny_models import NO_ID, YES_ID
-from hf_reference import RERANK_PREFIX, RERANK_SUFFIX, reranker_ids
+from hf_reference import RERANK_DEFAULT_TASK, RERANK_PREFIX, RERANK_SUFFIX, reranker_ids
 
 QUERY = "What is the capital of China?"
 DOCS = [
@@ -96,12 +96,85 @@ def test_truncation_to_max_model_len_matches_model_card(tiny_path, qwen_tokenize
     assert sorted(seen) == sorted([expected, reranker_ids(qwen_tokenizer, QUERY, DOCS[0])])
 
 
-def test_truncate_limits_the_pair_not_the_template(tiny_llm, qwen_tokenizer):
-    """truncate=N keeps at most N tokens of the formatted pair; prefix and suffix are always whole."""
+def _pieces(tok, query, doc, instruction=None):
+    """(everything before the document, the document, the assistant tail) as token ids, each built
+    on its own: the Qwen pre-tokeniser splits "<Document>:" from " <doc>", so they concatenate to
+    the model card's ids (checked in the test below)."""
+    instruction = instruction or RERANK_DEFAULT_TASK
+    head = tok.encode(RERANK_PREFIX, add_special_tokens=False)
+    head += tok.encode(f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>:", add_special_tokens=False)
+    return head, tok.encode(" " + doc, add_special_tokens=False), tok.encode(RERANK_SUFFIX, add_special_tokens=False)
+
+
+def test_pieces_are_the_model_cards_ids(qwen_tokenizer):
+    for doc in [*DOCS, LONG_DOC]:
+        head, body, tail = _pieces(qwen_tokenizer, QUERY, doc)
+        assert head + body + tail == reranker_ids(qwen_tokenizer, QUERY, doc)
+    head, body, tail = _pieces(qwen_tokenizer, QUERY, LONG_DOC)
+    assert (len(head), len(body), len(tail)) == (69, 950, 9)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("n", [79, 100, 400])
+def test_truncate_cuts_only_the_document(side, n, tiny_llm, qwen_tokenizer):
+    """truncate=N: the whole prompt is N tokens; the system prompt, instruction, query and the
+    assistant tail stay whole and only the document loses tokens, from the chosen side."""
+    llm = tiny_llm("qwen3_tied")  # max_model_len 512
+    head, doc, tail = _pieces(qwen_tokenizer, QUERY, LONG_DOC)
+    keep = n - len(head) - len(tail)
+    kept = doc[:keep] if side == "right" else doc[-keep:]
+    (seen,) = _ids_fed(llm, QUERY, LONG_DOC, truncate=n, truncation_side=side)
+    assert seen == head + kept + tail and len(seen) == n
+    text = qwen_tokenizer.decode(seen)
+    before = RERANK_PREFIX + f"<Instruct>: {RERANK_DEFAULT_TASK}\n<Query>: {QUERY}\n<Document>:"
+    assert text.startswith(before) and text.endswith(RERANK_SUFFIX)
+    kept_text = text[len(before) : -len(RERANK_SUFFIX)]
+    assert 0 < len(kept_text) < len(LONG_DOC) / 2
+    if side == "right":  # the model card's own truncation cuts the end of the document too
+        assert (" " + LONG_DOC).startswith(kept_text)
+        assert seen == reranker_ids(qwen_tokenizer, QUERY, LONG_DOC, max_length=n)
+    else:
+        assert LONG_DOC.endswith(kept_text) and not kept_text.startswith(" Sentence number 0 ")
+
+
+def test_truncate_leaves_short_documents_and_long_instructions_alone(tiny_llm, qwen_tokenizer):
     llm = tiny_llm("qwen3_tied")
-    prefix = qwen_tokenizer.encode(RERANK_PREFIX, add_special_tokens=False)
-    suffix = qwen_tokenizer.encode(RERANK_SUFFIX, add_special_tokens=False)
-    for n in (40, 100):
-        (seen,) = _ids_fed(llm, QUERY, LONG_DOC, truncate=n)
-        assert seen == reranker_ids(qwen_tokenizer, QUERY, LONG_DOC, max_length=n + len(prefix) + len(suffix))
-        assert len(seen) == n + len(prefix) + len(suffix)
+    instruction = "Given a question about Chinese geography, retrieve passages that answer it " * 3
+    n = 120
+    seen = _ids_fed(llm, QUERY, [LONG_DOC, DOCS[0]], instruction=instruction, truncate=n, truncation_side="left")
+    head, doc, tail = _pieces(qwen_tokenizer, QUERY, LONG_DOC, instruction)
+    short = reranker_ids(qwen_tokenizer, QUERY, DOCS[0], instruction)
+    assert len(head) == 92 and len(short) < n
+    assert sorted(seen) == sorted([head + doc[len(head) + len(tail) - n :] + tail, short])
+
+
+def test_truncate_below_the_document_less_prompt_is_an_error(tiny_llm, qwen_tokenizer):
+    from prefillonly import InvalidRequestError
+
+    llm = tiny_llm("qwen3_tied")
+    head, doc, tail = _pieces(qwen_tokenizer, QUERY, LONG_DOC)
+    fixed = len(head) + len(tail)  # 78
+    (seen,) = _ids_fed(llm, QUERY, LONG_DOC, truncate=fixed + 1)  # room for one document token
+    assert seen == head + doc[:1] + tail
+    with pytest.raises(InvalidRequestError) as e:
+        llm.score(QUERY, LONG_DOC, truncate=fixed)
+    assert e.value.field == "documents"
+    assert str(e.value) == (f"documents: truncate={fixed} leaves no room for the document: the rest of the prompt "
+                            f"(template, instruction, query, images) takes {fixed} tokens; pass truncate > {fixed}")
+    results = llm.score(QUERY, [DOCS[0], LONG_DOC], truncate=fixed)  # in a list: each item reports it
+    assert all(r.score is None and r.error.startswith(f"documents[{i}]: truncate={fixed} leaves no room")
+               for i, r in enumerate(results))
+    ranked = llm.rerank(QUERY, [DOCS[0], LONG_DOC], truncate=fixed)
+    assert [r.error.split(":")[0] for r in ranked] == ["documents[0]", "documents[1]"]
+
+
+def test_document_less_prompt_over_max_model_len(tiny_path, qwen_tokenizer):
+    from prefillonly import LLM, PromptTooLongError
+
+    llm = LLM(tiny_path("qwen3_tied"), dtype="float32", max_model_len=60, use_tqdm=False)
+    for truncate in (None, 50, 1000):
+        with pytest.raises(PromptTooLongError) as e:
+            llm.score(QUERY, DOCS[0], truncate=truncate)
+        assert str(e.value) == ("documents: no room for the document within max_model_len=60: the rest of the prompt "
+                                "(template, instruction, query, images) takes 78 tokens; shorten the query or "
+                                "instruction, or raise max_model_len")

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import unicodedata
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,7 +24,7 @@ from ..errors import InvalidRequestError
 from ..outputs import EmbedResult, ScoreResult
 from .base import ScoreHead, Task
 from .embed import IdentityHead
-from .score import QWEN3_RERANKER, YesNoHead
+from .score import QWEN3_RERANKER, YesNoHead, cut, document_room
 
 VL_RERANK_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
 VL_RERANK_SYSTEM = (
@@ -48,14 +48,35 @@ def split_item(enc, item: Any, field: str) -> tuple[str, list[Any]]:
     )
 
 
-def _truncate_text(tokenizer, text: str, limit: int | None, side: str) -> str:
-    if limit is None or not text:
-        return text
-    ids = tokenizer.encode(text, add_special_tokens=False)
+def fit_document(enc, render: Callable[[str], list[int]], text: str, truncate: int | None, side: str,
+                 field: str, what: str = "document") -> list[int]:
+    """``render(text)``, with ``text`` cut (on ``side``) until the whole prompt fits.
+
+    Only the document's (or the embedded input's) own text is cut: the chat
+    template, the instruction, the query and the images stay whole, and the
+    prompt ends up within ``min(truncate, max_model_len)`` tokens. The text is
+    cut in tokens and decoded; re-rendering can shift a token at the seam, so a
+    few rounds settle the length.
+    """
+    mark = enc.mark()
+    ids = render(text)
+    limit = enc.max_model_len if truncate is None else min(truncate, enc.max_model_len)
     if len(ids) <= limit:
-        return text
-    ids = ids[:limit] if side == "right" else ids[len(ids) - limit :]
-    return tokenizer.decode(ids)
+        return ids
+    tok = enc.tokenizer
+    doc = tok.encode(text, add_special_tokens=False) if text else []
+    keep = document_room(len(ids) - len(doc), len(doc), enc.max_model_len, truncate, field, what)
+    for _ in range(8):
+        piece = tok.decode(cut(doc, keep, side))
+        piece = piece.rstrip("\ufffd") if side == "right" else piece.lstrip("\ufffd")  # half a character
+        enc.rollback(mark)
+        ids = render(piece)
+        if len(ids) <= limit:
+            return ids
+        keep -= len(ids) - limit
+        if keep < 1:
+            break
+    raise InvalidRequestError(field, f"truncate={truncate} leaves no room for the {what}; raise truncate")
 
 
 class MultimodalScoreTask(Task[ScoreResult]):
@@ -91,15 +112,11 @@ class MultimodalScoreTask(Task[ScoreResult]):
         text, sources = split_item(enc, item, field)
         sources = sources + (enc._pending or [])
         enc._pending = None
-        text = _truncate_text(enc.tokenizer, text, self.truncate, self.side)
         if not text.strip() and not sources:
             raise InvalidRequestError(field, "document is empty")
         doc_items = [enc.load(s, f"{field}.images[{j}]") for j, s in enumerate(sources)]
-        if self.style == "jina":
-            ids = self._jina_ids(enc, text, doc_items, field)
-        else:
-            ids = self._qwen_ids(enc, text, doc_items, field)
-        ids = enc.fit(ids, field, None, "right")
+        build = self._jina_ids if self.style == "jina" else self._qwen_ids
+        ids = fit_document(enc, lambda t: build(enc, t, doc_items, field), text, self.truncate, self.side, field)
         return [Sequence(ids, Pooling.LAST)]
 
     def _qwen_ids(self, enc, doc_text, doc_items, field):
@@ -155,24 +172,26 @@ class MultimodalEmbedTask(Task[EmbedResult]):
         from ..prompts import is_chat, is_token_ids
 
         if is_token_ids(item) or is_chat(item) and all("role" in m for m in item):
-            ids = enc.encode(item, field)
+            ids = enc.fit(enc.encode(item, field), field, self.truncate, self.side)
         else:
             text, sources = split_item(enc, item, field)
             sources = sources + (enc._pending or [])
             enc._pending = None
-            text = _truncate_text(enc.tokenizer, text, self.truncate, self.side)
             if not text.strip() and not sources:
                 raise InvalidRequestError(field, "text is empty")
-            parts = [{"type": "image", "image": s} for s in sources]
-            if text:
-                parts.append({"type": "text", "text": text})
-            messages = [
-                {"role": "system", "content": [{"type": "text", "text": self.instruction}]},
-                {"role": "user", "content": parts},
-            ]
-            ids = enc.encode_chat(messages, field)
-        ids = enc.fit(ids, field, None, "right")
+            ids = fit_document(enc, lambda t: self._chat_ids(enc, t, sources, field), text, self.truncate,
+                               self.side, field, "text")
         return [Sequence(ids, self.pooling)]
+
+    def _chat_ids(self, enc, text: str, sources: list[Any], field: str) -> list[int]:
+        parts = [{"type": "image", "image": s} for s in sources]
+        if text:
+            parts.append({"type": "text", "text": text})
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": self.instruction}]},
+            {"role": "user", "content": parts},
+        ]
+        return enc.encode_chat(messages, field)
 
     def result(self, item, outputs):
         vec = outputs[0][0]
