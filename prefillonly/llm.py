@@ -12,7 +12,7 @@ from .engine.accel import configure as configure_speed
 from .engine.loader import load_model, read_checkpoint
 from .errors import CheckpointError, InvalidRequestError, PrefillOnlyError
 from .outputs import ClassifyResult, EmbedResult, NextTokenResult, RerankResult, ScoreResult
-from .prompts import PromptEncoder, as_batch, check_str_list, check_truncation
+from .prompts import PromptEncoder, TokenCache, as_batch, check_str_list, check_truncation
 from .tasks import ClassifyTask, EmbedTask, NextTokenTask, ScoreTask, Task, tokenize_labels
 from .tasks.embed import pooling_from_checkpoint, prompts_from_checkpoint
 
@@ -23,6 +23,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 def _resolve_dtype(dtype: DTypeLike, config: Any) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise InvalidRequestError("dtype", f"{dtype} is not a supported weight dtype; use float32, float16 or bfloat16")
         return dtype
     if dtype is None or dtype == "auto":
         found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -32,7 +34,7 @@ def _resolve_dtype(dtype: DTypeLike, config: Any) -> torch.dtype:
         if isinstance(found, torch.dtype):
             return found
         return _DTYPES.get(str(found), torch.float32)
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise InvalidRequestError("dtype", f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
     return _DTYPES[dtype]
 
@@ -86,7 +88,7 @@ class LLM:
         ckpt = read_checkpoint(model)
         self.path = ckpt.path
         self.config = ckpt.config
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, ckpt.config)
         self.tokenizer = self._load_tokenizer(ckpt.path)
         self.model = load_model(ckpt, self.dtype, self.device)
@@ -142,7 +144,7 @@ class LLM:
         images; for a list of prompts one entry (None, an image or a list) per prompt.
         """
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= self.model.spec.vocab_size:
-            raise InvalidRequestError("top_k", f"must be an int in [1, vocab size]; got {top_k!r}")
+            raise InvalidRequestError("top_k", f"must be an int in [1, {self.model.spec.vocab_size}] (the vocabulary size); got {top_k!r}")
         check_truncation(truncate, truncation_side)
         self._need_lm_head("next_token")
         task = NextTokenTask(self.tokenizer, top_k, truncate, truncation_side)
@@ -154,7 +156,7 @@ class LLM:
         check_truncation(truncate, truncation_side)
         if self.model.score is not None:
             own = self._own_labels()
-            if labels is not None and list(labels) != own:
+            if labels is not None and (not isinstance(labels, (list, tuple)) or list(labels) != own):
                 raise InvalidRequestError("labels", f"this checkpoint has a classification head with labels {own}; omit labels")
             task = ClassifyTask(own, None, truncate, truncation_side, use_score_head=True)
         else:
@@ -172,6 +174,12 @@ class LLM:
               use_tqdm: bool | None = None):
         """Relevance of each document to ``query`` in [0, 1] (Qwen3-Reranker semantics).
 
+        ``truncate=N`` cuts only the document (its end, or its start with
+        ``truncation_side="left"``) so that the whole prompt is at most N tokens:
+        the template, instruction and query are never cut, and an N too small for
+        them fails the item with an error naming ``truncate``. A list of documents
+        is always one item per element; a bad one fails alone.
+
         With a vision-language checkpoint the query and each document may be a
         string, an image, or ``{"text": ..., "image": ...}``; ``images`` adds
         images to the documents (one entry per document) and ``query_images``
@@ -183,25 +191,24 @@ class LLM:
         if images is not None or query_images is not None:
             raise InvalidRequestError("images", "this model has no vision tower; it cannot take images")
         task = self._score_task(query, instruction, truncate, truncation_side)
-        return self._run(task, documents, "documents", use_tqdm)
+        return self._run(task, _as_documents(documents, False), "documents", use_tqdm)
 
     def rerank(self, query, documents, *, top_n: int | None = None, images=None, query_images=None,
                instruction: str | None = None, truncate: int | None = None,
                truncation_side: Literal["left", "right"] = "right",
                use_tqdm: bool | None = None) -> list[RerankResult]:
-        """Documents ordered best first, as (index, score); failed documents come last."""
-        if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 0):
-            raise InvalidRequestError("top_n", f"must be a non-negative int or None; got {top_n!r}")
-        if self.mm is not None:
-            docs = list(documents) if isinstance(documents, (list, tuple)) else [documents]
-            if not docs:
-                raise InvalidRequestError("documents", "is empty; pass at least one")
-        else:
-            docs = check_str_list(documents, "documents") if not isinstance(documents, str) else [documents]
-        if images is not None and not isinstance(documents, (list, tuple)):
-            images = [images]
+        """Documents ordered best first, as (index, score); failed documents come last, with ``error``.
+
+        ``top_n=None`` returns them all; ``top_n=0`` is refused rather than read as
+        "all" (as some servers do) or as "none".
+        """
+        if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
+            raise InvalidRequestError("top_n", f"must be a positive int, or None for all documents; got {top_n!r}")
+        docs = _as_documents(documents, self.mm is not None)
         scores = self.score(query, docs, images=images, query_images=query_images, instruction=instruction,
                             truncate=truncate, truncation_side=truncation_side, use_tqdm=use_tqdm)
+        if not isinstance(docs, tuple):  # one document: a bad one has raised, like any single item
+            docs, scores = (docs,), [scores]
         ranked = [RerankResult(i, s.score, _doc_text(docs[i]), s.error) for i, s in enumerate(scores)]
         ranked.sort(key=lambda r: (r.score is None, -(r.score or 0.0)))
         return ranked if top_n is None else ranked[:top_n]
@@ -220,13 +227,17 @@ class LLM:
         check_truncation(truncate, truncation_side)
         hidden = self.model.spec.hidden_size
         if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool) or not 1 <= dimensions <= hidden):
-            raise InvalidRequestError("dimensions", f"must be an int in [1, {hidden}]; got {dimensions!r}")
+            raise InvalidRequestError("dimensions", f"must be an int in [1, {hidden}] (the hidden size); got {dimensions!r}")
+        if not isinstance(normalize, bool):  # normalize="no" would otherwise read as True
+            raise InvalidRequestError("normalize", f"must be True or False; got {normalize!r}")
+        if prompt_name is not None and not isinstance(prompt_name, str):
+            raise InvalidRequestError("prompt_name", f"expected a string; got {type(prompt_name).__name__}")
         if pooling is None:
             mode = pooling_from_checkpoint(self.path)
         else:
             try:
                 mode = Pooling(pooling)
-            except ValueError:
+            except (ValueError, TypeError):
                 raise InvalidRequestError("pooling", f"must be 'last', 'mean' or 'cls'; got {pooling!r}") from None
         if self.mm is not None:
             return self._mm_embed(texts, images, mode, dimensions, normalize, instruction, prompt_name,
@@ -260,7 +271,7 @@ class LLM:
         if query_images is not None and not isinstance(query_images, (list, tuple)):
             query_images = [query_images]
         task = MultimodalScoreTask(self.mm, query, query_images, instruction, truncate, side, style)
-        return self._run(task, documents, "documents", use_tqdm, images)
+        return self._run(task, _as_documents(documents, True), "documents", use_tqdm, images)
 
     def _mm_embed(self, texts, images, mode, dimensions, normalize, instruction, prompt_name, truncate, side, use_tqdm):
         from .tasks.mm import MultimodalEmbedTask
@@ -280,8 +291,10 @@ class LLM:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _score_task(self, query, instruction, truncate, side) -> ScoreTask:
-        if not isinstance(query, str) or not query.strip():
-            raise InvalidRequestError("query", "must be a non-empty string")
+        if not isinstance(query, str):
+            raise InvalidRequestError("query", f"must be a non-empty string; got {type(query).__name__}")
+        if not query.strip():
+            raise InvalidRequestError("query", "is empty; pass non-empty text")
         if instruction is not None and not isinstance(instruction, str):
             raise InvalidRequestError("instruction", f"expected a string; got {type(instruction).__name__}")
         check_truncation(truncate, side)
@@ -309,7 +322,23 @@ class LLM:
                 self.mm.reset()
         if images is not None:
             raise InvalidRequestError("images", "this model has no vision tower; it cannot take images")
-        return self._run_items(task, inputs, field, use_tqdm, None)
+        with self.encoder.using(self._pretokenize(task, inputs, field)):
+            return self._run_items(task, inputs, field, use_tqdm, None)
+
+    def _pretokenize(self, task: Task, inputs: Any, field: str) -> TokenCache | None:
+        """A list's texts tokenised in batches on all cores, not one by one in ``_run_items``.
+
+        Only for tasks that pass each text item (after a fixed prefix) to ``encoder.encode``;
+        the ids are identical, a text missing from the cache is simply tokenised there.
+        """
+        if isinstance(task, EmbedTask):
+            prefix = task.prefix
+        elif isinstance(task, (ClassifyTask, NextTokenTask)):
+            prefix = ""
+        else:
+            return None
+        items, single = as_batch(inputs, field)
+        return None if single else self.encoder.pretokenize(items, prefix)
 
     def _run_items(self, task: Task, inputs: Any, field: str, use_tqdm: bool | None, images: Any):
         mm = self.mm
@@ -331,10 +360,13 @@ class LLM:
                     mm.begin(per_images[i] if per_images is not None else None)
                     seqs = mm.finish(task.sequences(item, name, mm), name)
                 per_item.append(seqs)
-            except InvalidRequestError as e:
-                if single:
+            except Exception as e:  # whatever the tokenizer or chat template raised fails this item only
+                err = e if isinstance(e, PrefillOnlyError) else _unusable(name, e)
+                if single and err is e:
                     raise
-                errors[i] = e
+                if single:
+                    raise err from e
+                errors[i] = err
                 per_item.append([])
         flat = [s for seqs in per_item for s in seqs]
         show = self.use_tqdm if use_tqdm is None else use_tqdm
@@ -360,3 +392,47 @@ def _doc_text(doc: Any) -> str | None:
     if isinstance(doc, dict) and isinstance(doc.get("text"), str):
         return doc["text"]
     return None
+
+
+def _as_documents(documents: Any, multimodal: bool) -> Any:
+    """One document as is, or a list of documents as a tuple: every element is then its own
+    document (a list of ints or of dicts is never read as one prompt), so a bad one fails alone."""
+    if isinstance(documents, str):
+        return documents
+    if isinstance(documents, (list, tuple)):
+        if not documents:
+            raise InvalidRequestError("documents", "is empty; pass at least one")
+        return tuple(documents)
+    if multimodal:
+        from .multimodal import is_image_source
+
+        if is_image_source(documents) or isinstance(documents, dict):
+            return documents
+        kinds = "a string, an image, a {'text', 'image'} dict, or a list of these"
+    else:
+        kinds = "a string or a list of strings"
+    raise InvalidRequestError("documents", f"expected {kinds}; got {type(documents).__name__}")
+
+
+def _resolve_device(device: Any) -> torch.device:
+    """The device asked for, checked here: torch's own errors for a typo or a missing GPU come from deep inside."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidRequestError("device", f"{device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InvalidRequestError("device", f"{device!r}: no CUDA GPU is available on this machine")
+        if dev.index is not None and dev.index >= count:
+            raise InvalidRequestError("device", f"{device!r}: this machine has {count} CUDA GPU(s)")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise InvalidRequestError("device", f"{device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+def _unusable(field: str, error: Exception) -> InvalidRequestError:
+    """An unexpected failure while encoding one item, reported as that item's error."""
+    return InvalidRequestError(field, f"could not be encoded ({type(error).__name__}: {error})")

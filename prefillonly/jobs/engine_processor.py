@@ -7,14 +7,15 @@ import re
 from typing import Any
 
 from ..errors import InvalidRequestError
-from ..prompts import check_truncation
+from ..prompts import TokenCache, check_truncation
 from .spec import JobSpec
 
 _ENGINE_KEYS = ("dtype", "device", "max_num_batched_tokens", "max_model_len")
 _COMMON_OPTIONS = ("truncate", "truncation_side")
 #: The LLM names a failed item by its index in the call (``prompts[3]: ...``); a job's
 #: error row is about the row, and must not depend on how rows happened to be batched.
-_BATCH_INDEX = re.compile(r"^(?:prompts|documents|texts)\[\d+\]: ")
+#: A chat message is named within the row: ``prompts[3][0]: ...`` -> ``messages[0]: ...``.
+_BATCH_INDEX = re.compile(r"^(?:prompts|documents|texts)\[\d+\](?:: |(?=\[))")
 TASK_OPTIONS = {
     "classify": ("labels",),
     "score": ("query", "instruction"),
@@ -69,19 +70,36 @@ class EngineProcessor:
         self.task = spec.task
         self.common, self.opts = split_task_options(spec)
 
-    def __call__(self, requests: list[dict[str, Any]]) -> list[dict[str, Any] | str]:
-        prompts = [r["text"] if "text" in r else r["messages"] for r in requests]
+    def prepare(self, requests: list[dict[str, Any]]) -> TokenCache | None:
+        """Tokenise a batch's prompts in batched tokenizer calls, ahead of its engine call.
+
+        The job runner calls this in its reader thread while the engine runs the
+        previous batch, so tokenisation (Rust, all cores, GIL released) is off the
+        GPU's critical path. Only where the prompt text is known without the model's
+        help: not for score (its template is built per document) nor embedding
+        instructions (their prefix is the LLM's business), nor vision-language
+        models; those tokenise in the engine call, still in batches.
+        """
+        if self.llm.mm is not None or self.task == "score":
+            return None
+        if self.task == "embed" and (self.opts.get("instruction") is not None or self.opts.get("prompt_name") is not None):
+            return None
+        return self.llm.encoder.pretokenize(_prompts(requests))
+
+    def __call__(self, requests: list[dict[str, Any]], prepared: TokenCache | None = None) -> list[dict[str, Any] | str]:
+        prompts = _prompts(requests)
         kwargs: dict[str, Any] = dict(self.common, use_tqdm=False)
         if any("images" in r for r in requests):
             kwargs["images"] = [[i for i in r.get("images", []) if i is not None] or None for r in requests]
         before = self.llm.runner.tokens_processed
-        results = self._run(prompts, kwargs)
+        with self.llm.encoder.using(prepared):
+            results = self._run(prompts, kwargs)
         done = [r for r in results if r.error is None]
         share = (self.llm.runner.tokens_processed - before) // max(len(done), 1)
         out: list[dict[str, Any] | str] = []
         for r in results:
             if r.error is not None:
-                out.append(_BATCH_INDEX.sub("", r.error, count=1))
+                out.append(_row_error(r.error))
             else:
                 row = self._columns(r)
                 row["_tokens"] = share
@@ -107,6 +125,18 @@ class EngineProcessor:
             return {"embedding": r.embedding.tolist()}
         top = [{"token_id": t.token_id, "token": t.token, "logprob": t.logprob} for t in r.top_logprobs]
         return {"token_id": r.token_id, "token": r.token, "logprob": r.logprob, "top_logprobs": top}
+
+
+def _row_error(message: str) -> str:
+    m = _BATCH_INDEX.match(message)
+    if m is None:
+        return message
+    rest = message[m.end() :]
+    return "messages" + rest if rest.startswith("[") else rest
+
+
+def _prompts(requests: list[dict[str, Any]]) -> list[Any]:
+    return [r["text"] if "text" in r else r["messages"] for r in requests]
 
 
 def engine_kwargs(spec: JobSpec) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from .engine_processor import EngineProcessor, check_job, engine_kwargs
 from .readers import InputFile, probe_columns, resolve_inputs
 from .runner import JobSummary, run_job
 from .spec import JobSpec
+from .writers import warm_up
 
 
 def check_input(spec: JobSpec) -> tuple[list[InputFile], list[str]]:
@@ -50,6 +51,7 @@ def fingerprint_extra(llm) -> dict[str, str]:
 def run_local(spec: JobSpec, progress: bool = True, rank: int = 0, world: int = 1) -> JobSummary:
     check_job(spec)  # option typos and data mistakes fail before the model loads
     check_input(spec)
+    warm_up(spec.output_format)  # the writer's imports, behind the model load
     llm = load_engine(spec, rank)
     processor = EngineProcessor(llm, spec)
     shard_filter = None if world == 1 else (lambda k: k % world == rank)

@@ -39,6 +39,7 @@ from .writers import (
     read_schema,
     remove_temp_files,
     shard_name,
+    warm_up,
     write_atomic,
 )
 
@@ -49,7 +50,13 @@ from .writers import (
 #: for tokens/s and does not write it. Raising aborts the job (the current shard is
 #: dropped and recomputed on the next run) — reserve that for failures that are not
 #: about one row.
-Processor = Callable[[list[dict[str, Any]]], list["dict[str, Any] | str"]]
+#:
+#: A processor may also have ``prepare(requests) -> state``: the runner then calls it in
+#: the reader thread, one batch ahead, and calls ``processor(requests, state)``. This is
+#: where CPU work that does not need the engine (tokenisation) goes, so that it overlaps
+#: the engine's work on the previous batch. ``prepare`` must not touch the engine, and
+#: whatever it raises aborts the job like the processor's own errors.
+Processor = Callable[..., list["dict[str, Any] | str"]]
 
 TOKENS_KEY = "_tokens"
 
@@ -80,7 +87,7 @@ class JobSummary:
 
     def __str__(self) -> str:
         parts = [
-            f"{self.rows:,} rows ({self.results:,} results, {self.errors:,} errors) in {self.wall_s:.1f} s",
+            f"{self.rows:,} rows ({self.results:,} results, {self.errors:,} errors) in {self.wall_s:.2f} s",
             f"{self.rows_per_s:,.1f} rows/s",
         ]
         if self.tokens:
@@ -147,7 +154,8 @@ def run_job(
     ``shard_filter(k)`` limits this call to shards for which it is true (data-parallel
     workers). ``fingerprint_extra`` (JSON-able: e.g. engine settings that change results)
     is stored with the spec fingerprint; a resume must match it too. ``prefetch`` reads
-    the next batch in a background thread while the processor runs.
+    the next batch, builds its requests and runs ``processor.prepare`` on them in a
+    background thread while the processor runs.
     """
     t0 = time.perf_counter()
     files = resolve_inputs(spec.input, spec.input_format)
@@ -171,6 +179,7 @@ def run_job(
         return shard_filter is None or bool(shard_filter(shard))
 
     fmt = spec.output_format
+    warm_up(fmt)
     done = completed_shards(out, fmt)
     remove_temp_files(out, mine)
     selector = ShardSelector(spec.rows_per_shard, done, shard_filter)
@@ -185,16 +194,19 @@ def run_job(
     bar = _progress_bar(todo, progress, desc=f"{spec.task}")
     r = spec.rows_per_shard
     writer: ShardWriter | None = None
-    batches: Iterator[list[Any]] = iter_batches(
-        files, spec.batch_rows, columns=spec.needed_columns(), selector=selector, stats=stats
-    )
-    if prefetch:
-        batches = _prefetch(batches)
-    try:
-        for batch in batches:
+    prepare = getattr(processor, "prepare", None)
+
+    def staged() -> Iterator[_Staged]:
+        for batch in iter_batches(files, spec.batch_rows, columns=spec.needed_columns(), selector=selector, stats=stats):
             built = [builder.build(raw) for raw in batch]
             requests = [b for _, b in built if not isinstance(b, str)]
-            outputs = _call(processor, requests) if requests else []
+            state = prepare(requests) if prepare is not None and requests else None
+            yield batch, built, requests, state
+
+    batches = _prefetch(staged()) if prefetch else staged()
+    try:
+        for batch, built, requests, state in batches:
+            outputs = _call(processor, requests, state, prepare is not None) if requests else []
             results = iter(outputs)
             for raw, (row_id, built_item) in zip(batch, built):
                 shard = raw.position.row // r
@@ -242,9 +254,14 @@ def run_job(
     return summary
 
 
-def _call(processor: Processor, requests: list[dict[str, Any]]) -> list[Any]:
-    """Call the processor and check it kept its side of the contract."""
-    outputs = processor(requests)
+#: One batch, ready for the processor: raw rows, ``(id, request or reason)`` per row,
+#: the requests, and what ``processor.prepare`` made of them.
+_Staged = tuple[list[Any], list[tuple[Any, Any]], list[dict[str, Any]], Any]
+
+
+def _call(processor: Processor, requests: list[dict[str, Any]], state: Any = None, prepared: bool = False) -> list[Any]:
+    """Call the processor (with its ``prepare`` state when it has one) and check it kept its side of the contract."""
+    outputs = processor(requests, state) if prepared else processor(requests)
     if not isinstance(outputs, (list, tuple)):
         raise TypeError(f"processor must return a list, got {type(outputs).__name__}")
     if len(outputs) != len(requests):

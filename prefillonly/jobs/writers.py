@@ -29,6 +29,7 @@ import datetime as _dt
 import json
 import os
 import re
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -178,6 +179,33 @@ def column_to_arrow(values: list[Any]) -> Any:
             [None if v is None else v if isinstance(v, str) else json.dumps(v, default=json_default) for v in values],
             pa.string(),
         )
+
+
+_warming: threading.Thread | None = None  # the warm-up thread, once started
+
+
+def warm_up(fmt: str) -> None:
+    """Start the one-time imports of the first Parquet write in a background thread.
+
+    pyarrow imports pandas (when installed) on the first ``pa.array`` of Python
+    objects: about a second, which would otherwise fall on the first shard's
+    commit, with the engine idle. Called before the model loads, it is hidden
+    behind the load; imports are thread-safe, so a writer that needs the module
+    sooner just waits for it.
+    """
+    global _warming
+    if fmt != "parquet" or _warming is not None:
+        return
+    import pyarrow as pa  # the light part, in the caller's thread
+
+    def work() -> None:
+        try:
+            pa.array([0], pa.int64())
+        except Exception:  # noqa: BLE001, S110 - the writer meets the same error where it can report it
+            pass
+
+    _warming = threading.Thread(target=work, name="prefillonly-arrow-warm-up", daemon=True)
+    _warming.start()
 
 
 def _ids_to_arrow(ids: list[Any]) -> Any:
