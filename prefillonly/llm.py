@@ -50,7 +50,10 @@ class LLM:
     LLaVA-NeXT) take images in chat content parts or through ``images=`` on
     every task method (see ``prefillonly.multimodal``). ``encoder_cache_bytes``
     bounds the LRU cache of vision-encoder outputs, keyed by image content
-    (default 1 GiB, on the model's device; 0 turns it off).
+    (default 256 MiB, on the model's device, counting the deepstack features;
+    0 turns it off). It is held on top of the step's activations, so the
+    default is small: enough for the images of a few steps to be asked
+    several questions.
 
     Speed options (each ``None`` = automatic; see ``engine.accel``):
 

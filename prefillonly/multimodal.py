@@ -25,6 +25,7 @@ fails only its own request.
 from __future__ import annotations
 
 import os
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -118,8 +119,10 @@ class MultimodalPromptEncoder(PromptEncoder):
         self.template_has_images = isinstance(template, str) and "image" in template
         self._pending: list[Any] | None = None
         self._recorded: list[ImageItem] = []
-        self._items: dict[str, ImageItem] = {}
         self._by_source: dict[tuple, ImageItem] = {}  # sources seen in this call (kept alive by the caller)
+        # Chats of a call often differ only in their images: each distinct text is rendered and tokenised once.
+        self._rendered: dict[Any, str] = {}
+        self._text_ids: dict[str, list[int]] = {}
 
     # -- the per-request protocol LLM._run drives ------------------------------------------------
 
@@ -149,7 +152,8 @@ class MultimodalPromptEncoder(PromptEncoder):
 
     def reset(self) -> None:
         """Forget the images of a finished call."""
-        self._pending, self._recorded, self._items, self._by_source = None, [], {}, {}
+        self._pending, self._recorded, self._by_source = None, [], {}
+        self._rendered, self._text_ids = {}, {}
 
     # -- images ----------------------------------------------------------------------------------
 
@@ -170,24 +174,22 @@ class MultimodalPromptEncoder(PromptEncoder):
         return item
 
     def _load(self, source: Any, field: str) -> ImageItem:
-        from .vision.image_io import image_content_hash, load_image
+        from .vision.image_io import load_image
+        from .vision.preprocess_pool import shared_executor
 
         img = load_image(source, field=field)
-        digest = image_content_hash(img)
         proc = self.processor
         if self.info.kind == "llava_next":
             n = proc.num_tokens_for_size(img.height, img.width, field=field)
             grid = None
-            key = f"{digest}:llava"
+            tag = "llava"
         else:
             grid = proc.grid_thw_for_size(img.height, img.width, field=field)
             n = grid[0] * grid[1] * grid[2] // self.info.merge_size**2
-            key = f"{digest}:{grid[0]}x{grid[1]}x{grid[2]}"
-        item = self._items.get(key)
-        if item is None:
-            item = ImageItem(key, n, grid, img, lambda im, _f=field: proc(im, field=_f))
-            self._items[key] = item
-        return item
+            tag = f"{grid[0]}x{grid[1]}x{grid[2]}"
+        # Hashing the pixels costs more than rendering a prompt: a worker thread does it meanwhile.
+        key = shared_executor().submit(_content_key, img, tag)
+        return ImageItem(key, n, grid, img, partial(proc, field=field))
 
     # -- prompts ---------------------------------------------------------------------------------
 
@@ -300,12 +302,20 @@ class MultimodalPromptEncoder(PromptEncoder):
             for m in out:
                 if isinstance(m["content"], list):
                     m["content"] = "".join(self.marker if p["type"] == "image" else p["text"] for p in m["content"])
-        text = self.tokenizer.apply_chat_template(out, add_generation_prompt=True, tokenize=False)
+        key = _frozen(out)
+        text = self._rendered.get(key) if key is not None else None
+        if text is None:
+            text = self.tokenizer.apply_chat_template(out, add_generation_prompt=True, tokenize=False)
+            if key is not None:
+                self._rendered[key] = text
         return text, sources
 
     def encode_chat(self, messages: list[dict], field: str, extra_images: list[Any] | None = None) -> list[int]:
         text, sources = self.render_messages(messages, field, extra_images)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        known = self._text_ids.get(text)
+        if known is None:
+            known = self._text_ids[text] = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = list(known)  # each sequence owns its ids
         items = [self.load(s, f"{field}.images[{j}]") for j, s in enumerate(sources)]
         return self.expand(ids, items, field)
 
@@ -369,13 +379,53 @@ def mrope_positions(n: int, refs: list[ImageRef], merge: int) -> torch.Tensor:
         gap = ref.start - prev
         pos[:, prev : ref.start] = torch.arange(cur, cur + gap)
         cur += gap
-        t, h, w = ref.item.grid
-        gh, gw = h // merge, w // merge
-        tt = torch.arange(t).view(t, 1, 1).expand(t, gh, gw).flatten()
-        hh = torch.arange(gh).view(1, gh, 1).expand(t, gh, gw).flatten()
-        ww = torch.arange(gw).view(1, 1, gw).expand(t, gh, gw).flatten()
-        pos[:, ref.start : ref.stop] = torch.stack([tt, hh, ww]) + cur
-        cur += max(gh, gw)
+        block, span = _image_positions(ref.item.grid, merge)
+        torch.add(block, cur, out=pos[:, ref.start : ref.stop])
+        cur += span
         prev = ref.stop
     pos[:, prev:] = torch.arange(cur, cur + n - prev)
     return pos
+
+
+@lru_cache(maxsize=1024)
+def _image_positions(grid: tuple[int, int, int], merge: int) -> tuple[torch.Tensor, int]:
+    """(3, tokens) positions of an image of this grid relative to its start, and how far the text after it moves
+    on. Computed once per grid: a batch's images mostly share a few grids."""
+    t, h, w = grid
+    gh, gw = h // merge, w // merge
+    tt = torch.arange(t).view(t, 1, 1).expand(t, gh, gw).flatten()
+    hh = torch.arange(gh).view(1, gh, 1).expand(t, gh, gw).flatten()
+    ww = torch.arange(gw).view(1, 1, gw).expand(t, gh, gw).flatten()
+    return torch.stack([tt, hh, ww]), max(gh, gw)
+
+
+class _Unfrozen(TypeError):
+    """A value :func:`_frozen` does not know how to compare."""
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable copy of rendered chat messages (dicts, lists and scalars, each tagged with its type, so that
+    ``1`` and ``True`` differ as they may in a template), or None for anything else: those are rendered again."""
+    try:
+        return _freeze(value)
+    except _Unfrozen:
+        return None
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_freeze(v) for v in value))
+    if value is None or isinstance(value, (int, float)):
+        return (type(value).__name__, value)
+    raise _Unfrozen(type(value).__name__)
+
+
+def _content_key(img: Any, tag: str) -> str:
+    """The encoder-cache key: the pixels' hash and how the image is preprocessed (its grid)."""
+    from .vision.image_io import image_content_hash
+
+    return f"{image_content_hash(img)}:{tag}"

@@ -33,7 +33,10 @@ class ModelRunner:
 
         On CUDA the steps are pipelined: step k+1 is built and queued before the
         results of step k are read back, so the host's packing and launches
-        overlap the GPU's work and the GPU does not wait between steps.
+        overlap the GPU's work and the GPU does not wait between steps. A model
+        with ``prepare_steps`` (images) prepares the inputs of the next steps in
+        worker threads meanwhile; a sequence whose input failed there gets that
+        error and the rest of its step runs.
         """
         results: list[torch.Tensor | Exception | None] = [None] * len(seqs)
         steps = plan_steps(seqs, self.max_num_batched_tokens)
@@ -41,13 +44,25 @@ class ModelRunner:
         bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=not use_tqdm or len(seqs) == 0, leave=False)
         start, done_tokens = time.perf_counter(), 0
         pending: list = []
-        for step in steps:
-            launched = list(self._run_step([seqs[i] for i in step], head, step))
-            self._collect(pending, results)
-            pending = launched
-            done_tokens += sum(len(seqs[i]) for i in step)
-            bar.update(len(step))
-            bar.set_postfix(tok_s=f"{done_tokens / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)
+        prepare = getattr(self.model, "prepare_steps", None)
+        ready = prepare([[seqs[i] for i in step] for step in steps]) if prepare is not None else None
+        try:
+            for step in steps:
+                ids = step
+                if ready is not None:
+                    failed = next(ready)
+                    for j, error in failed.items():
+                        results[step[j]] = error
+                    ids = [i for j, i in enumerate(step) if j not in failed]
+                launched = list(self._run_step([seqs[i] for i in ids], head, ids)) if ids else []
+                self._collect(pending, results)
+                pending = launched
+                done_tokens += sum(len(seqs[i]) for i in step)
+                bar.update(len(step))
+                bar.set_postfix(tok_s=f"{done_tokens / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)
+        finally:
+            if ready is not None:
+                ready.close()
         self._collect(pending, results)
         bar.close()
         assert done_tokens == total_tokens

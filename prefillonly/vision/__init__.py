@@ -2,13 +2,13 @@
 
 ``load_image`` turns request inputs into RGB images with clear errors; the
 ``*_preprocess`` modules turn images into exactly the tensors (and prompt
-token counts) that transformers' processors produce; ``PreprocessPool`` runs
-that CPU work ahead of the GPU.
+token counts) that transformers' processors produce; ``prefetch`` runs that
+CPU work in threads ahead of the GPU.
 """
 
 from prefillonly.vision.image_io import image_content_hash, load_image, to_rgb
 from prefillonly.vision.llava_next_preprocess import LlavaNextImageInput, LlavaNextImagePreprocessor
-from prefillonly.vision.preprocess_pool import PreprocessPool
+from prefillonly.vision.preprocess_pool import prefetch
 from prefillonly.vision.qwen_preprocess import QwenImageInput, QwenImagePreprocessor, smart_resize
 
 __all__ = [
@@ -20,5 +20,5 @@ __all__ = [
     "smart_resize",
     "LlavaNextImageInput",
     "LlavaNextImagePreprocessor",
-    "PreprocessPool",
+    "prefetch",
 ]

@@ -1,103 +1,104 @@
-"""Run image preprocessing on CPU worker threads, ahead of the GPU, in input order.
+"""CPU work on images (hashing, preprocessing) in worker threads, ahead of the GPU, behind a bounded window.
 
-Decoding, resizing and normalising images is CPU work that would otherwise
-leave the GPU idle between batches.  PIL and numpy release the GIL for the
-heavy parts, so threads give real parallelism without pickling images between
-processes.  At most ``max_pending`` items are in flight, so a long input stream
-never piles up decoded images in memory; results come back in input order,
-and an item whose preprocessing raised comes back as that exception object,
-so one bad image fails alone.
+Resizing, normalising and patchifying images is CPU work that would leave the
+GPU idle if it ran when a step needs its pixels. PIL, numpy and hashlib release
+the GIL for the heavy parts, so threads give real parallelism without pickling
+images between processes. :func:`prefetch` processes the images of the next
+few steps while the current one runs: at most ``ahead`` steps beyond the one
+being consumed are in flight, so the pixel memory held stays within a few
+steps' worth however long the input is, and an item whose work raised comes
+back as that exception, so that one bad image fails alone.
 """
 
 from __future__ import annotations
 
-import collections
 import os
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, TypeVar
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import TypeVar
 
-__all__ = ["PreprocessPool"]
+__all__ = ["default_workers", "shared_executor", "prefetch"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
+MAX_WORKERS = 16  # a 448 px image takes a few ms; 16 threads preprocess a full step well inside its GPU time
 
-class PreprocessPool(Generic[T, R]):
-    """Thread pool mapping ``fn`` over items with bounded read-ahead.
+_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
 
-    Usage::
 
-        with PreprocessPool(preprocessor, num_workers=4) as pool:
-            for result in pool.map(images):
-                if isinstance(result, Exception): ...  # this item failed
+def default_workers() -> int:
+    """Worker threads for image work: the CPUs this process may use, at most :data:`MAX_WORKERS`."""
+    try:
+        cpus = len(os.sched_getaffinity(0))  # a container's CPU set, not the host's count
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cpus))
+
+
+def shared_executor() -> ThreadPoolExecutor:
+    """The process-wide pool for image work (created on first use; a forked child makes its own)."""
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="vl-image")
+        return _executor
+
+
+def _forget_executor() -> None:
+    global _executor
+    _executor = None  # the parent's threads do not exist in a forked child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_executor)
+
+
+def prefetch(
+    fn: Callable[[T], R],
+    steps: Sequence[Sequence[T]],
+    *,
+    ahead: int,
+    wanted: Callable[[T], bool] = lambda _: True,
+    executor: Executor | None = None,
+) -> Iterator[list[tuple[T, R | Exception]]]:
+    """Run ``fn`` over the items of ``steps`` in threads, at most ``ahead`` steps beyond the one consumed.
+
+    Yields, for each step in order and once its work is done, ``(item, fn(item))``
+    for the items that step is the first to need (the same object in a later
+    step is not processed again), or ``(item, exception)`` where ``fn`` raised.
+    ``wanted(item)`` is asked when a step is submitted: an item whose result is
+    not needed (its features are cached) is skipped. Closing the iterator early
+    cancels the work that has not started.
     """
-
-    def __init__(
-        self,
-        fn: Callable[[T], R],
-        *,
-        num_workers: int | None = None,
-        max_pending: int | None = None,
-        thread_name_prefix: str = "preprocess",
-    ) -> None:
-        if num_workers is None:
-            num_workers = min(8, os.cpu_count() or 1)
-        if num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        if max_pending is None:
-            max_pending = 2 * num_workers
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
-        self.fn = fn
-        self.num_workers = num_workers
-        self.max_pending = max_pending
-        self._executor = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix=thread_name_prefix)
-        self._closed = False
-
-    def map(self, items: Iterable[T]) -> Iterator[R | Exception]:
-        """Yield ``fn(item)`` (or the ``Exception`` it raised) for each item, in input order.
-
-        Items are pulled from ``items`` lazily, keeping at most ``max_pending``
-        submitted but not yet yielded.  Abandoning the iterator cancels work that
-        has not started.  Exceptions raised while iterating ``items`` itself
-        propagate to the caller.
-        """
-        if self._closed:
-            raise RuntimeError("PreprocessPool is closed")
-        return self._map(iter(items))
-
-    def _map(self, items: Iterator[T]) -> Iterator[R | Exception]:
-        pending: collections.deque[Future[R]] = collections.deque()
-        exhausted = False
-        try:
-            while True:
-                while not exhausted and len(pending) < self.max_pending:
-                    try:
-                        item = next(items)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    pending.append(self._executor.submit(self.fn, item))
-                if not pending:
-                    return
-                future = pending.popleft()
-                try:
-                    result: R | Exception = future.result()
-                except Exception as e:  # noqa: BLE001 - one bad item must not stop the others
-                    result = e
-                yield result
-        finally:
-            for future in pending:
+    if ahead < 0:
+        raise ValueError(f"ahead must be >= 0, got {ahead}")
+    pool = executor or shared_executor()
+    seen: set[int] = set()
+    queued: deque[list[tuple[T, Future[R]]]] = deque()
+    submitted = 0
+    try:
+        for k in range(len(steps)):
+            while submitted < len(steps) and submitted <= k + ahead:
+                batch = []
+                for item in steps[submitted]:
+                    if id(item) not in seen and wanted(item):
+                        seen.add(id(item))
+                        batch.append((item, pool.submit(fn, item)))
+                queued.append(batch)
+                submitted += 1
+            yield [(item, _outcome(future)) for item, future in queued.popleft()]
+    finally:
+        for batch in queued:
+            for _, future in batch:
                 future.cancel()
 
-    def close(self, *, wait: bool = True) -> None:
-        """Stop the worker threads (queued work that has not started is cancelled)."""
-        self._closed = True
-        self._executor.shutdown(wait=wait, cancel_futures=True)
 
-    def __enter__(self) -> PreprocessPool[T, R]:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def _outcome(future: Future[R]) -> R | Exception:
+    try:
+        return future.result()
+    except Exception as e:  # noqa: BLE001 - one bad item must not stop the others
+        return e

@@ -1,4 +1,4 @@
-"""Our preprocessors against transformers' own (PIL backend) on real photos, plus PreprocessPool."""
+"""Our preprocessors against transformers' own (PIL backend) on real photos, plus the step prefetcher."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ from transformers.models.llava_next.processing_llava_next import LlavaNextProces
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from prefillonly.errors import CheckpointError, ImageError
-from prefillonly.vision.image_io import load_image
 from prefillonly.vision.llava_next_preprocess import LlavaNextImagePreprocessor, select_best_resolution
-from prefillonly.vision.preprocess_pool import PreprocessPool
+from prefillonly.vision.preprocess_pool import default_workers, prefetch
 from prefillonly.vision.qwen_preprocess import QwenImagePreprocessor, smart_resize
 
 CONFIGS = pathlib.Path("/work/shared/model-configs")
@@ -330,75 +329,99 @@ def test_llava_next_from_pretrained_and_errors(tmp_path: pathlib.Path) -> None:
     shutil.rmtree(empty)
 
 
-# --------------------------------------------------------------------------- PreprocessPool
+# --------------------------------------------------------------------------- pixel dtypes
 
 
-def test_pool_keeps_order_and_isolates_failures() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qwen_half_pixels_are_the_float32_pixels_converted(photos, dtype) -> None:
+    """The tower converts pixels to its dtype first: asking for that dtype must change no bit."""
+    pre = QwenImagePreprocessor.from_dict(qwen_config("Qwen3-VL-2B-Instruct"))
+    for img in (photos["chelsea"], photos["chelsea"].resize((333, 517))):
+        ref = pre(img)
+        got = pre(img, dtype=dtype)
+        assert got.pixel_values.dtype == dtype and got.grid_thw == ref.grid_thw
+        assert torch.equal(got.pixel_values, ref.pixel_values.to(dtype))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_qwen_pixels_in_pinned_memory(photos) -> None:
+    pre = QwenImagePreprocessor.from_dict(qwen_config("Qwen3-VL-2B-Instruct"))
+    got = pre(photos["chelsea"], dtype=torch.bfloat16, pin_memory=True)
+    assert got.pixel_values.is_pinned()
+    assert torch.equal(got.pixel_values, pre(photos["chelsea"]).pixel_values.to(torch.bfloat16))
+
+
+# --------------------------------------------------------------------------- prefetch
+
+
+def test_prefetch_keeps_step_order_dedups_and_isolates_failures() -> None:
     def work(x: int) -> int:
-        time.sleep(random.random() * 0.005)
+        time.sleep(random.random() * 0.003)
         if x % 7 == 3:
             raise ValueError(f"bad item {x}")
         return x * x
 
-    with PreprocessPool(work, num_workers=4) as pool:
-        results = list(pool.map(range(100)))
-    assert len(results) == 100
-    for i, r in enumerate(results):
-        if i % 7 == 3:
-            assert isinstance(r, ValueError) and str(r) == f"bad item {i}"
-        else:
-            assert r == i * i
+    steps = [list(range(i, i + 5)) for i in range(0, 50, 5)]
+    steps[3] = steps[3] + steps[1][:2]  # items seen in an earlier step are not processed again
+    out = list(prefetch(work, steps, ahead=2))
+    assert [[x for x, _ in done] for done in out] == [list(range(i, i + 5)) for i in range(0, 50, 5)]
+    for done in out:
+        for x, r in done:
+            if x % 7 == 3:
+                assert isinstance(r, ValueError) and str(r) == f"bad item {x}"
+            else:
+                assert r == x * x
 
 
-def test_pool_bounded_read_ahead() -> None:
-    pulled = 0
+def test_prefetch_window_is_bounded() -> None:
+    """While step k is consumed, nothing beyond step k + ahead has been started."""
+    started: list[int] = []
     lock = threading.Lock()
 
-    def source():
-        nonlocal pulled
-        for i in range(50):
+    def work(x: int) -> int:
+        with lock:
+            started.append(x)
+        return x
+
+    steps = [[10 * k + j for j in range(3)] for k in range(12)]
+    for ahead in (0, 2):
+        started.clear()
+        for k, done in enumerate(prefetch(work, steps, ahead=ahead)):
+            assert [x for x, _ in done] == steps[k]
+            time.sleep(0.005)  # give the workers every chance to run ahead
             with lock:
-                pulled += 1
-            yield i
-
-    with PreprocessPool(lambda x: x, num_workers=2, max_pending=3) as pool:
-        it = pool.map(source())
-        for consumed, value in enumerate(it, start=1):
-            assert value == consumed - 1
-            time.sleep(0.001)
-            assert pulled <= consumed + 3
-        assert pulled == 50
+                assert max(started) // 10 <= k + ahead
+        assert sorted(started) == [x for step in steps for x in step]
 
 
-def test_pool_runs_in_parallel_and_abandon_cancels() -> None:
+def test_prefetch_skips_unwanted_and_cancels_on_close() -> None:
     started = []
 
     def slow(x: int) -> int:
         started.append(x)
-        time.sleep(0.1)
+        time.sleep(0.05)
         return x
 
-    pool = PreprocessPool(slow, num_workers=4, max_pending=4)
-    t0 = time.monotonic()
-    assert list(pool.map(range(8))) == list(range(8))
-    assert time.monotonic() - t0 < 0.6  # 8 x 0.1 s of work on 4 threads
+    steps = [[k] for k in range(100)]
+    out = list(prefetch(slow, steps[:6], ahead=1, wanted=lambda x: x % 2 == 0))
+    assert out == [[(0, 0)], [], [(2, 2)], [], [(4, 4)], []]
     started.clear()
-    it = pool.map(range(1000))
-    assert next(it) == 0
-    it.close()  # abandoning the iterator cancels work that has not started
-    pool.close()
-    assert len(started) <= 8
-    with pytest.raises(RuntimeError, match="closed"):
-        pool.map([1])
+    it = prefetch(slow, steps, ahead=3)
+    assert next(it) == [(0, 0)]
+    it.close()  # leaving early cancels the steps queued but not started
+    time.sleep(0.2)
+    assert len(started) <= 4
+    with pytest.raises(ValueError, match="ahead"):
+        next(prefetch(slow, steps, ahead=-1))
+    assert 1 <= default_workers() <= 16
 
 
-def test_pool_with_real_images(photos) -> None:
-    """The intended use: load + preprocess many images, one of them broken."""
+def test_prefetch_with_real_images(photos) -> None:
+    """The intended use: preprocess many images, one of them broken, in threads."""
     pre = QwenImagePreprocessor.from_dict(qwen_config("Qwen2.5-VL-3B-Instruct"))
     good = photos["chelsea"]
-    items = [good, b"not an image", good.resize((100, 60))]
-    with PreprocessPool(lambda src: pre(load_image(src)), num_workers=2) as pool:
-        out = list(pool.map(items))
-    assert out[0].grid_thw == pre(good).grid_thw
+    steps = [[good, "not an image"], [good.resize((100, 60))]]
+    out = [r for done in prefetch(pre, steps, ahead=1) for _, r in done]
+    assert torch.equal(out[0].pixel_values, pre(good).pixel_values)
     assert isinstance(out[1], ImageError)
     assert out[2].num_tokens == pre.num_tokens_for_size(60, 100)

@@ -9,20 +9,27 @@ interface: ``hidden_states(step)``, ``final_norm``, ``logits``, ``score``.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from ...vision.preprocess_pool import prefetch
 from ..decoder import CausalLM
 from ..spec import DecoderSpec
-from .cache import EncoderCache, EncoderStats
+from .cache import EncoderCache, EncoderStats, Features
 from .inputs import ImageItem, ImageRef
 
-DEFAULT_ENCODER_CACHE_BYTES = 1 << 30
+DEFAULT_ENCODER_CACHE_BYTES = 256 << 20
 JINA_LOGIT_BIAS = 2.65
+# Steps whose pixels are prepared while the current one runs: enough to hide preprocessing behind the GPU,
+# few enough that the pixels held stay within a few steps' worth (each step is bounded by the token budget).
+PREFETCH_STEPS = 2
+# Patches per tower call. The tower's activations grow with the patches it sees at once (a 1024-wide tower:
+# ~25 KiB per patch and block); 16K patches keep its matmuls large enough to fill an H100 or H200.
+TOWER_MAX_PATCHES = 16384
 
 
 @dataclass
@@ -61,20 +68,8 @@ def _build_tower(info: VisionInfo) -> nn.Module:
     return QwenVisionTower(info.tower)
 
 
-_POOL = None
-
-
-def _preprocess(items: list[ImageItem]) -> list[Any]:
-    """Pixels of the images a step must encode; several images are resized and normalised in threads
-    (PIL and numpy release the GIL), while the GPU is still busy with the previous step."""
-    global _POOL
-    if len(items) < 2:
-        return [item.data() for item in items]
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="vl-preprocess")
-    return list(_POOL.map(ImageItem.data, items))
+def _step_images(seqs: list) -> list[ImageItem]:
+    return [ref.item for seq in seqs for ref in seq.extras.get("images", ())]
 
 
 class VisionLanguageModel(CausalLM):
@@ -98,9 +93,53 @@ class VisionLanguageModel(CausalLM):
 
     # -- images -------------------------------------------------------------------------------
 
-    def encode_images(self, items: list[ImageItem]) -> dict[str, tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
-        """Features of each distinct image: from the cache, or from one tower call for all misses."""
-        found: dict[str, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+    def pixel_options(self) -> dict[str, Any]:
+        """How the preprocessor should hand over pixels: Qwen's in the tower's dtype and, for a GPU, in
+        page-locked memory, so that the copy is asynchronous (a copy from pageable memory waits for the GPU's
+        queue to drain, which stalls the pipelined steps)."""
+        if self.info.kind == "llava_next":
+            return {}
+        return {"dtype": self.tower.dtype, "pin_memory": self._device().type == "cuda"}
+
+    def _device(self) -> torch.device:
+        return next(self.tower.parameters()).device
+
+    def prepare_steps(self, steps: list[list]) -> Iterator[dict[int, Exception]]:
+        """Preprocess the images of ``steps`` (lists of sequences, in run order) in worker threads.
+
+        The runner takes one value per step just before running it: the
+        positions of the step's sequences whose image could not be preprocessed,
+        with the error, so that they fail alone. Meanwhile the images of the next
+        :data:`PREFETCH_STEPS` steps are being processed: the CPU works ahead of
+        the GPU, and no more than that many steps' pixels are held.
+        """
+        images = [_step_images(seqs) for seqs in steps]
+        options = self.pixel_options()
+        failed: dict[ImageItem, Exception] = {}
+        work = prefetch(lambda item: item.process(item.image, **options), images, ahead=PREFETCH_STEPS,
+                        wanted=lambda item: item.key not in self.encoder_cache)
+        try:
+            for seqs, done in zip(steps, work):
+                for item, out in done:
+                    if isinstance(out, Exception):
+                        failed[item] = out
+                    else:
+                        item.ready(out)
+                bad: dict[int, Exception] = {}
+                for j, seq in enumerate(seqs):
+                    error = next((failed[r.item] for r in seq.extras.get("images", ()) if r.item in failed), None)
+                    if error is not None:
+                        bad[j] = error
+                yield bad
+        finally:
+            work.close()
+            for item in (item for step in images for item in step):
+                item.release()  # pixels of steps that did not run
+
+    def encode_images(self, items: list[ImageItem]) -> dict[str, Features]:
+        """Features of each distinct image: from the cache, or from tower calls of at most
+        :data:`TOWER_MAX_PATCHES` patches over the misses."""
+        found: dict[str, Features] = {}
         todo: list[ImageItem] = []
         stats = self.encoder_stats
         for item in items:
@@ -114,15 +153,38 @@ class VisionLanguageModel(CausalLM):
                 found[item.key] = None  # type: ignore[assignment]
                 todo.append(item)
                 stats.misses += 1
-        if todo:
-            outs = self.tower.encode(_preprocess(todo))
+        options = self.pixel_options()
+        for chunk in self._chunks(todo):
+            outs = self.tower.encode([self._on_device(item.data(**options)) for item in chunk])
             stats.calls += 1
-            stats.images_encoded += len(todo)
-            for item, feat in zip(todo, outs):
-                found[item.key] = feat
-                self.encoder_cache.put(item.key, feat)
+            stats.images_encoded += len(chunk)
+            for item, feat in zip(chunk, outs):
+                found[item.key] = self.encoder_cache.put(item.key, feat)
                 item.release()
         return found
+
+    def _chunks(self, items: list[ImageItem]) -> Iterator[list[ImageItem]]:
+        """Consecutive runs of ``items`` of at most TOWER_MAX_PATCHES patches (a larger image goes alone)."""
+        unit = self.info.merge_size**2
+        chunk: list[ImageItem] = []
+        patches = 0
+        for item in items:
+            n = item.num_tokens * unit
+            if chunk and patches + n > TOWER_MAX_PATCHES:
+                yield chunk
+                chunk, patches = [], 0
+            chunk.append(item)
+            patches += n
+        if chunk:
+            yield chunk
+
+    def _on_device(self, data: Any) -> Any:
+        """The input with its pixels on the tower's device; from page-locked memory the copy is queued
+        without waiting, so the tower's ``.to(device)`` finds them there."""
+        device = self._device()
+        if data.pixel_values.device == device:
+            return data
+        return replace(data, pixel_values=data.pixel_values.to(device, non_blocking=data.pixel_values.is_pinned()))
 
     def _image_rows(self, step) -> tuple[torch.Tensor, list[ImageRef]] | None:
         starts: list[torch.Tensor] = []
@@ -138,17 +200,18 @@ class VisionLanguageModel(CausalLM):
         return torch.cat(starts), refs
 
     def hidden_states(self, step) -> torch.Tensor:
-        hidden = self.model.embed(step.input_ids)
         placed = self._image_rows(step)
         if placed is None:
-            return self.model(hidden, step.positions, step.meta)
+            return self.model(self.model.embed(step.input_ids), step.positions, step.meta)
         rows_cpu, refs = placed
-        feats = self.encode_images([r.item for r in refs])
+        feats = self.encode_images([r.item for r in refs])  # first: the tower's peak does not hold the embeddings
+        hidden = self.model.embed(step.input_ids)
         rows = rows_cpu.to(hidden.device, non_blocking=True)
         main = torch.cat([feats[r.item.key][0] for r in refs]).to(hidden.dtype)
         hidden = hidden.index_copy(0, rows, main)
         levels = len(feats[refs[0].item.key][1])
         deep = [torch.cat([feats[r.item.key][1][j] for r in refs]).to(hidden.dtype) for j in range(levels)]
+        del feats, main
         for i, layer in enumerate(self.model.layers):
             hidden = layer(hidden, step.positions, step.meta)
             if i < len(deep):
