@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from ..errors import InvalidRequestError
 from .prepare import RequestBuilder
-from .readers import ReadStats, count_rows, iter_batches, probe_columns, resolve_inputs
+from .readers import InputFile, ReadStats, count_rows, iter_batches, probe_columns, resolve_inputs
 from .spec import RESERVED_OUTPUT_COLUMNS, JobSpec
 from .writers import (
     ERRORS_DIR,
@@ -139,6 +139,26 @@ class ShardSelector:
         return sum(min(r, total_rows - k * r) for k in range(math.ceil(total_rows / r)) if self.wants_shard(k))
 
 
+def check_input(spec: JobSpec) -> tuple[list[InputFile], list[str]]:
+    """The job's input files and columns, checked against the spec (cheap: one file is probed).
+
+    Run before a model loads, so that a wrong path or column fails in a second; ``run_job``
+    repeats the same checks.
+    """
+    files = resolve_inputs(spec.input, spec.input_format)
+    out_real = os.path.realpath(spec.output) + os.sep
+    files = [f for f in files if not os.path.realpath(f.path).startswith(out_real)]  # our own shards are not input
+    if not files:
+        raise InvalidRequestError("input", f"{spec.input!r} has no files outside the output directory {spec.output!r}")
+    columns: list[str] = []
+    for probed in files:  # the first file with any rows says which columns the input has
+        columns = probe_columns(probed)
+        if columns:
+            break
+    spec.check_columns(columns, source=f"input file {probed.name!r}")
+    return files, columns
+
+
 def run_job(
     spec: JobSpec,
     processor: Processor,
@@ -158,17 +178,7 @@ def run_job(
     background thread while the processor runs.
     """
     t0 = time.perf_counter()
-    files = resolve_inputs(spec.input, spec.input_format)
-    out_real = os.path.realpath(spec.output) + os.sep
-    files = [f for f in files if not os.path.realpath(f.path).startswith(out_real)]  # our own shards are not input
-    if not files:
-        raise InvalidRequestError("input", f"{spec.input!r} has no files outside the output directory {spec.output!r}")
-    columns: list[str] = []
-    for probed in files:  # the first file with any rows says which columns the input has
-        columns = probe_columns(probed)
-        if columns:
-            break
-    spec.check_columns(columns, source=f"input file {probed.name!r}")
+    files, columns = check_input(spec)
     builder = RequestBuilder(spec, input_has_id=(spec.id_column or "id") in columns)
 
     out = Path(spec.output)
