@@ -324,17 +324,22 @@ def _check_arch(path: Path, labels: list[str]) -> dict:
         del hf, engine
         free()
     res: dict[str, Any] = {"transformers_bf16_vs_fp32": float(np.abs(refs[torch.bfloat16] - refs[torch.float32]).max())}
-    for dt, tol in (("float32", 1e-4), ("bfloat16", 3e-2)):
-        llm, _, _ = load_ours(path, dtype=dt)
+    probs = {}
+    # bf16 twice: the fused Triton kernels (the CUDA default, LM and vision tower) and the plain modules
+    for name, dt, tol, kw in (("float32", "float32", 1e-4, {}), ("bfloat16", "bfloat16", 3e-2, {}),
+                              ("bfloat16_plain", "bfloat16", 3e-2, {"fused_kernels": False})):
+        llm, _, _ = load_ours(path, dtype=dt, **kw)
         got, again = (llm.classify(_check_chats(), labels=labels, use_tqdm=False) for _ in range(2))  # 2nd: cache hits
         p, q = (np.array([[r.probs[x] for x in labels] for r in rs]) for rs in (got, again))
         worst, hit = float(np.abs(p - refs[torch.float32]).max()), float(np.abs(p - q).max())
         errors = [r.error for r in got if r.error]
-        res[dt] = {"max_abs_dp_vs_fp32": worst, "tol": tol, "cache_hit_max_dp": hit, "errors": errors,
-                   "transformers_image_backend": hf_backend, "ok": worst <= tol and hit < 1e-3 and not errors}
+        probs[name] = p
+        res[name] = {"max_abs_dp_vs_fp32": worst, "tol": tol, "cache_hit_max_dp": hit, "errors": errors,
+                     "transformers_image_backend": hf_backend, "ok": worst <= tol and hit < 1e-3 and not errors}
         del llm
         free()
-    res["ok"] = res["float32"]["ok"] and res["bfloat16"]["ok"]
+    res["bf16_fused_vs_plain"] = float(np.abs(probs["bfloat16"] - probs["bfloat16_plain"]).max())
+    res["ok"] = all(res[k]["ok"] for k in ("float32", "bfloat16", "bfloat16_plain"))
     return res
 
 
@@ -546,7 +551,9 @@ def markdown(data: dict) -> str:
                      f"{_agree(r.get('vs_transformers_same_pixels'))} |")
     for arch, res in data["checks"].get("engines", {}).items():
         detail = (f"float32 {res['float32']['max_abs_dp_vs_fp32']:.1e}, bf16 {res['bfloat16']['max_abs_dp_vs_fp32']:.1e} "
-                  f"(transformers bf16 itself {res['transformers_bf16_vs_fp32']:.1e})" if "float32" in res else "error")
+                  f"(plain modules {res['bfloat16_plain']['max_abs_dp_vs_fp32']:.1e}, fused vs plain "
+                  f"{res['bf16_fused_vs_plain']:.1e}; transformers bf16 itself {res['transformers_bf16_vs_fp32']:.1e})"
+                  if "float32" in res else "error")
         targets.append(f"* check {arch} vs transformers float32: {detail}: {_yn(res['ok'])}")
     for name, c in data["checks"].items():
         if name != "engines":

@@ -245,18 +245,9 @@ class LLM:
         if self.mm is not None:
             return self._mm_embed(texts, images, mode, dimensions, normalize, instruction, prompt_name,
                                   truncate, truncation_side, use_tqdm)
-        prefix = ""
-        if instruction is not None and prompt_name is not None:
-            raise InvalidRequestError("instruction", "pass either instruction or prompt_name, not both")
-        if instruction is not None:
-            if not isinstance(instruction, str):
-                raise InvalidRequestError("instruction", f"expected a string; got {type(instruction).__name__}")
-            prefix = f"Instruct: {instruction}\nQuery:"
-        elif prompt_name is not None:
-            prompts = prompts_from_checkpoint(self.path)
-            if prompt_name not in prompts:
-                raise InvalidRequestError("prompt_name", f"{prompt_name!r} is not among this model's prompts {sorted(prompts)}")
-            prefix = prompts[prompt_name]
+        instruction, prefix = self._embed_prompt(instruction, prompt_name)
+        if prefix is None:  # a checkpoint's prompt is used as it is; an instruction is formatted
+            prefix = "" if instruction is None else f"Instruct: {instruction}\nQuery:"
         task = EmbedTask(mode, prefix, dimensions, bool(normalize), truncate, truncation_side)
         return self._run(task, texts, "texts", use_tqdm, images)
 
@@ -279,19 +270,29 @@ class LLM:
     def _mm_embed(self, texts, images, mode, dimensions, normalize, instruction, prompt_name, truncate, side, use_tqdm):
         from .tasks.mm import MultimodalEmbedTask
 
+        instruction, named = self._embed_prompt(instruction, prompt_name)
+        task = MultimodalEmbedTask(mode, instruction if named is None else named, dimensions, bool(normalize),
+                                   truncate, side)
+        return self._run(task, texts, "texts", use_tqdm, images)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _embed_prompt(self, instruction: Any, prompt_name: str | None) -> tuple[str | None, str | None]:
+        """(instruction, the checkpoint's prompt named ``prompt_name``), checked; at most one is not None.
+
+        The text and the vision-language paths use them differently (a formatted
+        prefix, a system turn) but must refuse the same mistakes.
+        """
         if instruction is not None and prompt_name is not None:
             raise InvalidRequestError("instruction", "pass either instruction or prompt_name, not both")
         if instruction is not None and not isinstance(instruction, str):
             raise InvalidRequestError("instruction", f"expected a string; got {type(instruction).__name__}")
-        if prompt_name is not None:
-            prompts = prompts_from_checkpoint(self.path)
-            if prompt_name not in prompts:
-                raise InvalidRequestError("prompt_name", f"{prompt_name!r} is not among this model's prompts {sorted(prompts)}")
-            instruction = prompts[prompt_name]
-        task = MultimodalEmbedTask(mode, instruction, dimensions, bool(normalize), truncate, side)
-        return self._run(task, texts, "texts", use_tqdm, images)
-
-    # -- plumbing ---------------------------------------------------------------------------
+        if prompt_name is None:
+            return instruction, None
+        prompts = prompts_from_checkpoint(self.path)
+        if prompt_name not in prompts:
+            raise InvalidRequestError("prompt_name", f"{prompt_name!r} is not among this model's prompts {sorted(prompts)}")
+        return None, prompts[prompt_name]
 
     def _score_task(self, query, instruction, truncate, side) -> ScoreTask:
         if not isinstance(query, str):

@@ -32,7 +32,7 @@ import torch
 
 from .errors import ImageError, InvalidRequestError
 from .models.vision import ImageItem, ImageRef, VisionInfo
-from .prompts import PromptEncoder, is_chat, is_token_ids
+from .prompts import PromptEncoder, batch_of, check_chat, is_role_chat, is_token_ids
 
 QWEN_IMAGE_MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
 LLAVA_IMAGE_MARKER = "<image>"
@@ -67,18 +67,13 @@ def image_part_source(part: dict) -> tuple[bool, Any]:
 
 def as_mm_batch(prompts: Any, field: str) -> tuple[list[Any], bool]:
     """Like :func:`prompts.as_batch`, but a list of role-less dicts is a batch, and an image is one item."""
-    if isinstance(prompts, str) or is_token_ids(prompts) or is_image_source(prompts) or isinstance(prompts, dict):
-        return [prompts], True
-    if is_chat(prompts) and all("role" in m for m in prompts):
-        return [prompts], True
-    if isinstance(prompts, (list, tuple)):
-        if len(prompts) == 0:
-            raise InvalidRequestError(field, "got an empty list; pass at least one item")
-        return list(prompts), False
-    raise InvalidRequestError(
-        field, f"expected a string, chat messages, an image, a {{'text', 'image'}} dict, or a list of these; "
-        f"got {type(prompts).__name__}"
-    )
+    return batch_of(prompts, field, _is_one_mm_prompt,
+                    "a string, chat messages, an image, a {'text', 'image'} dict, or a list of these")
+
+
+def _is_one_mm_prompt(value: Any) -> bool:
+    return (isinstance(value, (str, dict)) or is_token_ids(value) or is_image_source(value)
+            or is_role_chat(value))
 
 
 def align_images(images: Any, n: int, single: bool, field: str = "images") -> list[list[Any]] | None:
@@ -199,7 +194,7 @@ class MultimodalPromptEncoder(PromptEncoder):
             if not prompt.strip() and not pending:
                 raise InvalidRequestError(field, "prompt is empty; pass non-empty text")
             return self.encode_text(prompt, pending or [], field, add_special_tokens)
-        if is_chat(prompt) and all("role" in m for m in prompt):
+        if is_role_chat(prompt):
             return self.encode_chat(prompt, field, extra_images=pending)
         if is_image_source(prompt) or isinstance(prompt, dict):
             text, sources = self.item_parts(prompt, field)
@@ -258,17 +253,14 @@ class MultimodalPromptEncoder(PromptEncoder):
 
     def render_messages(self, messages: list[dict], field: str, extra_images: list[Any] | None = None):
         """(rendered text, image sources in order) of chat messages with content parts."""
+        check_chat(messages, field, parts=True)
         sources: list[Any] = []
         out = []
         for j, m in enumerate(messages):
-            if "role" not in m or "content" not in m:
-                raise InvalidRequestError(f"{field}[{j}]", "a chat message needs 'role' and 'content'")
             content = m["content"]
             if isinstance(content, str):
                 out.append(dict(m))
                 continue
-            if not isinstance(content, list):
-                raise InvalidRequestError(f"{field}[{j}].content", "must be a string or a list of parts")
             parts = []
             for k, part in enumerate(content):
                 where = f"{field}[{j}].content[{k}]"

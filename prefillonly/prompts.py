@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field as dc_field
@@ -65,6 +65,54 @@ def is_chat(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) for m in value)
 
 
+def is_role_chat(value: Any) -> bool:
+    """A chat whose every message has a role: what a multimodal prompt treats as one chat, not a batch of dicts."""
+    return is_chat(value) and all("role" in m for m in value)
+
+
+#: The roles the supported chat templates render. Qwen3's template silently drops any other
+#: role (an OpenAI "developer" message, a typo), so the prompt would be wrong without an error.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_chat(messages: Seq[Any], field: str, parts: bool = False) -> None:
+    """Refuse a malformed chat before rendering, naming the message and key (``prompts[3][1].role``).
+
+    A chat template does not complain about an unknown role or non-string
+    content: it leaves the message out or renders it empty. ``parts`` says
+    whether ``content`` may be a list of content parts (vision-language models;
+    the parts themselves are checked where they are rendered).
+    """
+    for j, message in enumerate(messages):
+        where = f"{field}[{j}]"
+        if not isinstance(message, dict):
+            raise InvalidRequestError(
+                where, f"a chat message must be a dict with 'role' and 'content'; got {type(message).__name__}"
+            )
+        _check_role(message, where)
+        _check_content(message, where, parts)
+
+
+def _check_role(message: dict[str, Any], where: str) -> None:
+    roles = ", ".join(map(repr, CHAT_ROLES))
+    if "role" not in message:
+        raise InvalidRequestError(f"{where}.role", f"is missing; give every message a role, one of {roles}")
+    role = message["role"]
+    if not isinstance(role, str) or role not in CHAT_ROLES:
+        raise InvalidRequestError(f"{where}.role", f"must be one of {roles}; got {role!r}")
+
+
+def _check_content(message: dict[str, Any], where: str, parts: bool) -> None:
+    expected = "a string or a list of content parts" if parts else "a string"
+    if "content" not in message:
+        raise InvalidRequestError(f"{where}.content", f"is missing; give every message a content, {expected}")
+    content = message["content"]
+    if isinstance(content, str) or (parts and isinstance(content, list)):
+        return
+    hint = "" if parts or not isinstance(content, list) else " (content parts need a vision-language model)"
+    raise InvalidRequestError(f"{where}.content", f"must be {expected}; got {type(content).__name__}{hint}")
+
+
 def is_token_ids(value: Any) -> bool:
     if not isinstance(value, list) or len(value) == 0:
         return False
@@ -75,15 +123,25 @@ def is_token_ids(value: Any) -> bool:
 
 def as_batch(prompts: Any, field: str) -> tuple[list[Any], bool]:
     """(items, was_single). One prompt is a str, a list of ids, or one chat."""
-    if isinstance(prompts, str) or is_token_ids(prompts) or is_chat(prompts):
-        return [prompts], True
-    if isinstance(prompts, (list, tuple)):
-        if len(prompts) == 0:
+    return batch_of(prompts, field, _is_one_prompt, "a string, a list of token ids, chat messages, or a list of these")
+
+
+def _is_one_prompt(value: Any) -> bool:
+    return isinstance(value, str) or is_token_ids(value) or is_chat(value)
+
+
+def batch_of(value: Any, field: str, is_one: Callable[[Any], bool], expected: str) -> tuple[list[Any], bool]:
+    """(items, was_single): ``[value]`` when ``is_one(value)``, else the items of a non-empty list or tuple.
+
+    Shared by the text and the multimodal paths, which differ only in what one item is.
+    """
+    if is_one(value):
+        return [value], True
+    if isinstance(value, (list, tuple)):
+        if len(value) == 0:
             raise InvalidRequestError(field, "got an empty list; pass at least one item")
-        return list(prompts), False
-    raise InvalidRequestError(
-        field, f"expected a string, a list of token ids, chat messages, or a list of these; got {type(prompts).__name__}"
-    )
+        return list(value), False
+    raise InvalidRequestError(field, f"expected {expected}; got {type(value).__name__}")
 
 
 @dataclass
@@ -121,9 +179,7 @@ class PromptEncoder:
         return ids
 
     def render_chat(self, messages: list[dict[str, Any]], field: str) -> list[int]:
-        for j, m in enumerate(messages):
-            if "role" not in m or "content" not in m:
-                raise InvalidRequestError(f"{field}[{j}]", "a chat message needs 'role' and 'content'")
+        check_chat(messages, field)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise InvalidRequestError(field, "this model's tokenizer has no chat template; pass plain text or token ids")
         cache = _ACTIVE.get()
@@ -192,9 +248,14 @@ class PromptEncoder:
         return cache
 
     def _chat_ok(self, messages: list[dict[str, Any]]) -> bool:
-        return getattr(self.tokenizer, "chat_template", None) is not None and all(
-            "role" in m and "content" in m for m in messages
-        )
+        """Whether ``render_chat`` would render ``messages``; the others are left to it, to fail per item."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            return False
+        try:
+            check_chat(messages, "")
+        except InvalidRequestError:
+            return False
+        return True
 
     @contextmanager
     def using(self, cache: TokenCache | None) -> Iterator[None]:

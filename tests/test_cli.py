@@ -24,6 +24,8 @@ def files(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"text": "good", "label": "positive"}\n\n{"text": "bad", "label": "meh"}\n')
     (tmp_path / "broken.jsonl").write_text('{"text": "good", "label": "positive"}\n{"text": \n')
     (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "bad.parquet").write_bytes(b"not a parquet file\n" * 20)
+    (tmp_path / "bin.jsonl").write_bytes('{"text": "utf-16"}\n'.encode("utf-16-le"))
     return tmp_path
 
 
@@ -41,6 +43,7 @@ def _one_error_line(err: str, start: str) -> None:
 
 
 RUN = ["run", "--input", "DIR/in.jsonl", "--output", "DIR/out", "--no-progress"]
+EMBED = ["--task", "embed", "--prompt", "{text}", "--model", "/nonexistent/model"]
 
 
 @pytest.mark.parametrize(
@@ -52,6 +55,12 @@ RUN = ["run", "--input", "DIR/in.jsonl", "--output", "DIR/out", "--no-progress"]
         ([*RUN, "--task", "embed", "--prompt", "{text}", "--model", "/nonexistent/model"],
          "error: model: /nonexistent/model is neither a local directory"),
         ([*RUN, "--task", "embed", "--prompt", "{text}", "--model", "DIR"], "error: model: "),
+        (["run", "--input", "DIR/bad.parquet", "--output", "DIR/out", *EMBED],
+         "error: input: 'DIR/bad.parquet': is not a readable Parquet file (Parquet magic bytes not found in footer. "
+         "Either the file is corrupted or this is not a parquet file.): write or fetch it again, or leave it out of "
+         "the input"),
+        (["run", "--input", "DIR/bin.jsonl", "--output", "DIR/out", *EMBED],
+         "error: input: 'DIR/bin.jsonl': line 1 holds binary data (a NUL byte), so this is not UTF-8 JSON Lines"),
         (["run", "--job", "DIR/bad.yaml"], "error: job_file: "),
         (["run", "--job", "DIR/bad.json"], "error: job_file: "),
         (["run", "--job", "DIR/list.json"], "error: job_file: "),

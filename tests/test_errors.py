@@ -91,7 +91,8 @@ def test_label_that_tokenises_to_nothing(llm):
         (lambda m: m.embed("hi", instruction="x", prompt_name="query"), "instruction"),
         (lambda m: m.embed("hi", prompt_name="query"), "prompt_name"),
         (lambda m: m.next_token([5, 10**9]), "prompts"),
-        (lambda m: m.next_token([{"role": "user"}]), "prompts[0]"),
+        (lambda m: m.next_token([{"role": "user"}]), "prompts[0].content"),
+        (lambda m: m.next_token([{"role": "developer", "content": "hi"}]), "prompts[0].role"),
     ],
 )
 def test_wrong_argument_types_and_values(llm, call, field):

@@ -130,15 +130,72 @@ def test_classifier_head_labels_must_be_its_own(tiny_llm):
 
 
 def test_chat_the_template_cannot_render_fails_alone(llm):
-    """A chat template error (here: content that is not a string) is the item's typed error."""
-    bad = [{"role": "user", "content": 5}]
+    """A chat template error (here: tool_calls that are not a list) is the item's typed error."""
+    bad = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "tool_calls": 5}]
     good = [{"role": "user", "content": "hello"}]
     out = llm.next_token([good, bad, "plain"])
     assert out[0].error is None and out[2].error is None
-    assert out[1].error.startswith("prompts[1]: ") and out[1].token_id is None
+    assert out[1].error == "prompts[1]: could not be encoded (TypeError: 'int' object is not iterable)"
+    assert out[1].token_id is None
     with pytest.raises(InvalidRequestError) as info:
         llm.classify(bad, labels=["a", "b"])
     assert info.value.field == "prompts"
+
+
+# -- chat messages: checked before the template, which drops what it does not know --------------
+
+ROLES = "one of 'system', 'user', 'assistant', 'tool'"
+USER = {"role": "user", "content": "Is the sky blue?"}
+
+
+@pytest.mark.parametrize(
+    "chat, field, needle",
+    [
+        ([{"role": "developer", "content": "Be terse."}, USER], "prompts[0].role", f"must be {ROLES}; got 'developer'"),
+        ([USER, {"role": "User", "content": "x"}], "prompts[1].role", "got 'User'"),
+        ([{"role": None, "content": "x"}], "prompts[0].role", "got None"),
+        ([{"role": ["user"], "content": "x"}], "prompts[0].role", "got ['user']"),
+        ([{"content": "x"}, USER], "prompts[0].role", f"is missing; give every message a role, {ROLES}"),
+        ([USER, {"role": "assistant"}], "prompts[1].content", "is missing; give every message a content, a string"),
+        ([{"role": "user", "content": None}], "prompts[0].content", "must be a string; got NoneType"),
+        ([{"role": "user", "content": 5}], "prompts[0].content", "must be a string; got int"),
+        ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "prompts[0].content",
+         "must be a string; got list (content parts need a vision-language model)"),
+    ],
+)
+def test_bad_chat_message_names_its_field(llm, chat, field, needle):
+    err = _raises(field, lambda: llm.next_token(chat), needle)
+    assert str(err) == f"{field}: {err.reason}"
+
+
+def test_a_bad_chat_in_a_list_fails_alone(llm):
+    good = [[{"role": "system", "content": "You answer yes or no."}, USER], [USER], "The sky is"]
+    bad = [USER, {"role": "developer", "content": "Answer no."}]
+    items = good + [bad]
+    for method, kwargs in ((llm.next_token, {}), (llm.classify, {"labels": ["yes", "no"]}), (llm.embed, {})):
+        field = "texts" if method == llm.embed else "prompts"
+        out = method(items, **kwargs)
+        assert out[3].error == f"{field}[3][1].role: must be {ROLES}; got 'developer'"
+        for i, item in enumerate(good):
+            alone = method(item, **kwargs)
+            assert out[i].error is None and alone.error is None
+            if method == llm.next_token:
+                assert out[i].token_id == alone.token_id and out[i].logprob == pytest.approx(alone.logprob, abs=1e-5)
+            elif method == llm.classify:
+                assert out[i].probs == pytest.approx(alone.probs, abs=1e-6)
+            else:
+                assert out[i].embedding.tolist() == pytest.approx(alone.embedding.tolist(), abs=1e-5)
+
+
+def test_every_known_role_renders(llm):
+    """system, user, assistant and tool each reach the prompt (none is dropped by the template)."""
+    chat = [{"role": "system", "content": "S1"}, {"role": "user", "content": "U2"},
+            {"role": "assistant", "content": "A3"}, {"role": "tool", "content": "T4"}]
+    ids = llm.encoder.encode(chat, "prompts")
+    text = llm.tokenizer.decode(ids)
+    assert [text.index(m) for m in ("S1", "U2", "A3", "T4")] == sorted(text.index(m) for m in ("S1", "U2", "A3", "T4"))
+    assert "<tool_response>\nT4\n</tool_response>" in text
+    assert llm.next_token(chat).error is None
 
 
 # -- the constructor -----------------------------------------------------------------------------

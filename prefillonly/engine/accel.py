@@ -1,6 +1,7 @@
 """Speed options of the engine, resolved once per loaded model.
 
-``fused_kernels``  the fused Triton decoder layer (models.fastpath). Default:
+``fused_kernels``  the fused Triton decoder layer (models.fastpath) and the Qwen vision towers'
+                   rotary and add+norm kernels (models.vision.qwen_vit). Default:
                    on for CUDA float16/bfloat16 when Triton is importable.
 ``cuda_graphs``    replay captured CUDA graphs for steps under
                    ``GRAPH_MAX_TOKENS`` tokens (engine.graphs). Default: on for CUDA.
@@ -46,6 +47,9 @@ def configure(model, device: torch.device, dtype: torch.dtype, fused_kernels: bo
     use_fused = reason is None if fused_kernels is None else fused_kernels
     if layers:
         fastpath.enable(model, use_fused)
+    tower = getattr(model, "tower", None)
+    if tower is not None and hasattr(tower, "fused"):  # a Qwen vision tower: the same kernels' conditions
+        tower.fused = use_fused
 
     chunk = (DEFAULT_CHUNK if cuda else None) if prefill_chunk_size is None else (prefill_chunk_size or None)
     for layer in layers:

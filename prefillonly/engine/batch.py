@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.attention import AttentionMeta
+from ..models.attention import AttentionMeta, to_device
 from .sequence import Pooling, Sequence
 
 
@@ -56,20 +56,17 @@ def build_step(seqs: list[Sequence], device: torch.device) -> StepInput:
         if s.targets is not None:
             targets.extend(s.targets)
         offset += n
-    pin = device.type == "cuda"
     input_ids = torch.frombuffer(array("q", ids), dtype=torch.long) if ids else torch.zeros(0, dtype=torch.long)
     if any(p.dim() == 2 for p in positions):  # M-RoPE: text-only sequences get three equal rows
         positions = [p if p.dim() == 2 else p.expand(3, -1) for p in positions]
     pos_t = torch.cat(positions, dim=-1)
     row_t = torch.tensor(rows, dtype=torch.long)
     tgt_t = torch.tensor(targets, dtype=torch.long) if targets else None
-    if pin:
-        input_ids, pos_t, row_t = input_ids.pin_memory(), pos_t.pin_memory(), row_t.pin_memory()
     return StepInput(
-        input_ids=input_ids.to(device, non_blocking=pin),
-        positions=pos_t.to(device, non_blocking=pin),
+        input_ids=to_device(input_ids, device),
+        positions=to_device(pos_t, device),
         meta=AttentionMeta.from_lengths(lengths, device),
         seqs=seqs,
-        row_index=row_t.to(device, non_blocking=pin),
-        targets=None if tgt_t is None else (tgt_t.pin_memory() if pin else tgt_t).to(device, non_blocking=pin),
+        row_index=to_device(row_t, device),
+        targets=None if tgt_t is None else to_device(tgt_t, device),
     )

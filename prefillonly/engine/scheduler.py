@@ -10,11 +10,14 @@ from __future__ import annotations
 from .sequence import Sequence
 
 
-def plan_steps(seqs: list[Sequence], max_tokens: int, max_seqs: int | None = None) -> list[list[int]]:
+def plan_steps(seqs: list[Sequence], max_tokens: int, max_seqs: int | None = None,
+               first_tokens: int | None = None) -> list[list[int]]:
     """Return steps as lists of indices into ``seqs``.
 
     A step holds at most ``max_tokens`` tokens; a sequence longer than that runs
-    alone in its own step.
+    alone in its own step. ``first_tokens`` caps the first step lower: when a
+    step's inputs are prepared on the CPU (images), a small first step starts
+    the GPU sooner, and the next steps are prepared while it runs.
     """
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
     steps: list[list[int]] = []
@@ -22,7 +25,8 @@ def plan_steps(seqs: list[Sequence], max_tokens: int, max_seqs: int | None = Non
     used = 0
     for i in order:
         n = len(seqs[i])
-        full = used + n > max_tokens or (max_seqs is not None and len(current) >= max_seqs)
+        budget = first_tokens if first_tokens is not None and not steps else max_tokens
+        full = used + n > budget or (max_seqs is not None and len(current) >= max_seqs)
         if current and full:
             steps.append(current)
             current, used = [], 0

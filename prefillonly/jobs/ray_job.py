@@ -46,13 +46,14 @@ from .local import check_input
 from .prepare import RequestBuilder
 from .readers import AllRows, InputFile, Position, RawRow, ReadStats, iter_rows
 from .runner import (
-    TOKENS_KEY,
     JobSummary,
     ShardSelector,
     _call,
     _check_fingerprint,
     _progress_bar,
     _update_bar,
+    commit_shard,
+    write_row,
 )
 from .spec import JobSpec
 from .writers import (
@@ -515,26 +516,13 @@ class _Sink:
                     schema_hint=self.schema_hint,
                     fsync=self.fsync,
                 )
-            if isinstance(item, str):
-                writer.add_error(row_id, Position(fi, ri, pos), self.files[fi].name, item or "failed (no reason given)")
-                summary.errors += 1
-            else:
-                tokens = item.get(TOKENS_KEY)
-                if tokens is not None:
-                    item = {k: v for k, v in item.items() if k != TOKENS_KEY}
-                    summary.tokens += int(tokens)
-                writer.add_result(row_id, pos, item)
-                summary.results += 1
+            write_row(writer, summary, row_id, Position(fi, ri, pos), self.files[fi].name, item)
             summary.rows += 1
             if writer.results + writer.errors == self._size(shard):
                 self._commit(shard)
 
     def _commit(self, shard: int) -> None:
-        writer = self.writers.pop(shard)
-        writer.commit()
-        if writer.results:  # an all-error shard's schema says nothing about results
-            self.schema_hint = writer.schema
-        self.summary.shards_written += 1
+        self.schema_hint = commit_shard(self.writers.pop(shard), self.summary, self.schema_hint)
 
     def finish(self) -> None:
         """Commit the last, short shard of an input whose length was not known in advance."""

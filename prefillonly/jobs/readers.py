@@ -7,7 +7,10 @@ the unit of resume: the runner hands in a :class:`RowSelector` and rows it does 
 are skipped before they are parsed (Parquet skips whole row groups from the footer).
 
 A row that cannot be read (bad JSON, invalid UTF-8, wrong CSV field count) comes back as
-a :class:`RawRow` with ``error`` set, so one bad line costs one error row, not the job.
+a :class:`RawRow` with ``error`` set, so one bad line costs one error row, not the job. A
+file that cannot be read at all (not Parquet, damaged, a gzip stream cut short, binary data
+where text was expected) stops the job with an ``InvalidRequestError("input", ...)`` that
+names the file and what is wrong, never a library's stack trace.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import gzip
 import json
 import os
 import sys
+import zlib
 from collections.abc import Generator, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
@@ -156,6 +161,53 @@ def _glob_root(pattern: str) -> str:
     return root or "."
 
 
+def _file_error(file: InputFile, problem: str) -> InvalidRequestError:
+    """An error about a whole input file: it stops the job, so it names the file by its full path."""
+    return InvalidRequestError("input", f"{file.path!r}: {problem}")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+ErrorTypes = tuple[type[BaseException], ...]
+
+#: What reading a damaged or vanished text file raises: a gzip stream that is not gzip
+#: (``BadGzipFile`` is an ``OSError``), is cut short (``EOFError``) or is corrupt (``zlib.error``).
+_TEXT_READ_ERRORS: ErrorTypes = (OSError, EOFError, zlib.error)
+
+
+@contextmanager
+def _readable(file: InputFile, what: str, errors: ErrorTypes = _TEXT_READ_ERRORS) -> Iterator[None]:
+    """Report a library's failure to read ``file`` as one input error naming the file and the cause."""
+    try:
+        yield
+    except errors as e:
+        if isinstance(e, OSError) and e.errno is not None:  # the file system's answer: gone, no permission
+            raise _file_error(file, f"cannot be read: {os.strerror(e.errno)}") from None
+        fix = "write or fetch it again, or leave it out of the input"
+        raise _file_error(file, f"is not a readable {what} file ({_one_line(e)}): {fix}") from None
+
+
+def _parquet_errors() -> ErrorTypes:
+    import pyarrow as pa
+
+    return (OSError, pa.ArrowException)
+
+
+@contextmanager
+def _open_parquet(file: InputFile) -> Iterator[Any]:
+    """``pq.ParquetFile`` of ``file``; a file that is not Parquet, or whose footer is cut off, is an input error."""
+    import pyarrow.parquet as pq
+
+    with _readable(file, "Parquet", _parquet_errors()):
+        pf = pq.ParquetFile(file.path)
+    try:
+        yield pf
+    finally:
+        pf.close()
+
+
 def _open_binary(path: str) -> IO[bytes]:
     if path.lower().endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
@@ -165,21 +217,21 @@ def _open_binary(path: str) -> IO[bytes]:
 def probe_columns(file: InputFile, max_lines: int = 1000) -> list[str]:
     """Column names of a file, cheaply: CSV header, Parquet schema, or the first JSON object's keys."""
     if file.format == "parquet":
-        import pyarrow.parquet as pq
-
-        return list(pq.ParquetFile(file.path).schema_arrow.names)
+        with _open_parquet(file) as pf:
+            return list(pf.schema_arrow.names)
     if file.format == "csv":
-        with _open_binary(file.path) as f:
-            for header in csv.reader(_decoded_lines(f)):
-                if header:
-                    return header
-        return []
-    with _open_binary(file.path) as f:
+        with _readable(file, "CSV"), _open_binary(file.path) as f:
+            return _read_csv_header(file, csv.reader(_decoded_lines(f))) or []
+    with _readable(file, "JSON Lines"), _open_binary(file.path) as f:
+        first = True
         for i, line in enumerate(f):
             if i >= max_lines:
                 break
             if not line.strip():
                 continue
+            if first:  # a file the run would refuse is refused here, before a model loads
+                first = False
+                _check_first_jsonl_line(file, line, i + 1)
             try:
                 obj = json.loads(line)
             except ValueError:
@@ -193,9 +245,11 @@ def count_rows(files: Sequence[InputFile]) -> int | None:
     """Total rows when cheap to know (all Parquet: from the footers), else None."""
     if not files or any(f.format != "parquet" for f in files):
         return None
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f.path).metadata.num_rows for f in files)
+    total = 0
+    for file in files:
+        with _open_parquet(file) as pf:
+            total += pf.metadata.num_rows
+    return total
 
 
 # ----------------------------------------------------------------------------- reading
@@ -267,19 +321,14 @@ def _read_jsonl(
 ) -> Generator[RawRow, None, int]:
     """Yields the file's wanted rows; returns how many rows the file has."""
     n = 0
-    with _open_binary(file.path) as f:
+    with _readable(file, "JSON Lines"), _open_binary(file.path) as f:
         first = True
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             if first:
                 first = False
-                if line.lstrip()[:1] == b"[":
-                    raise InvalidRequestError(
-                        "input",
-                        f"{file.name!r} holds a JSON array; this job reads JSON Lines (one object per line): "
-                        "convert it, e.g. jq -c '.[]' in.json > in.jsonl",
-                    )
+                _check_first_jsonl_line(file, line, line_no)
             row = base + n
             n += 1
             stats.rows_seen += 1
@@ -290,13 +339,35 @@ def _read_jsonl(
             try:
                 obj = json.loads(line)
             except ValueError as e:  # includes UnicodeDecodeError
-                yield RawRow(pos, None, f"line {line_no}: invalid JSON: {e}")
+                yield RawRow(pos, None, f"line {line_no}: invalid JSON: {_json_problem(e)}")
                 continue
             if not isinstance(obj, dict):
                 yield RawRow(pos, None, f"line {line_no}: expected a JSON object, got {type(obj).__name__}")
                 continue
             yield RawRow(pos, _project(obj, cols))
     return n
+
+
+def _check_first_jsonl_line(file: InputFile, line: bytes, line_no: int) -> None:
+    """Refuse a file that is plainly not JSON Lines, rather than turning every line into an error row."""
+    if line.lstrip()[:1] == b"[":
+        raise _file_error(
+            file,
+            "holds a JSON array; this job reads JSON Lines (one object per line): "
+            "convert it, e.g. jq -c '.[]' in.json > in.jsonl",
+        )
+    if b"\0" in line:
+        raise _file_error(file, f"line {line_no} holds binary data (a NUL byte), so this is not UTF-8 JSON Lines: "
+                                "check the file's format and extension (.jsonl, .jsonl.gz, .csv, .parquet)")
+
+
+def _json_problem(error: ValueError) -> str:
+    """What is wrong with one JSON line, without json's ``line 1 column 5`` (it always parses one line)."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at column {error.colno}"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 ({error.reason} at byte {error.start + 1})"
+    return _one_line(error)
 
 
 def _decoded_lines(f: IO[bytes]) -> Iterator[str]:
@@ -319,6 +390,30 @@ def _bad_utf8(values: Iterable[str]) -> bool:
     return False
 
 
+def _read_csv_header(file: InputFile, reader: Iterator[list[str]]) -> list[str] | None:
+    """The first non-blank record of ``reader``, checked (None for a file with no records).
+
+    A file whose header cannot be read or shows it is not UTF-8 CSV text is refused whole:
+    every row of it would be wrong.
+    """
+    try:
+        for values in reader:
+            if values:
+                _check_csv_header(file, values)
+                return values
+    except csv.Error as e:
+        raise _file_error(file, f"cannot read the CSV header: {e}") from None
+    return None
+
+
+def _check_csv_header(file: InputFile, header: list[str]) -> None:
+    if _bad_utf8(header):
+        raise _file_error(file, "the CSV header is not valid UTF-8; save the file as UTF-8")
+    if any("\0" in h for h in header):
+        raise _file_error(file, "the CSV header holds binary data (a NUL byte), so this is not CSV text: "
+                                "check the file's format and extension (.csv, .csv.gz, .jsonl, .parquet)")
+
+
 def _read_csv(
     file: InputFile,
     file_index: int,
@@ -336,9 +431,12 @@ def _read_csv(
         except OverflowError:
             limit //= 2
     n = 0
-    with _open_binary(file.path) as f:
+    with _readable(file, "CSV"), _open_binary(file.path) as f:
         reader = csv.reader(_decoded_lines(f))
-        header: list[str] | None = None
+        header = _read_csv_header(file, reader)
+        if header is None:
+            return 0
+        keep = [i for i, h in enumerate(header) if cols is None or h in cols]
         while True:
             try:
                 values = next(reader)
@@ -347,16 +445,6 @@ def _read_csv(
                 break
             except csv.Error as e:
                 values, parse_error = None, str(e)
-            if header is None:
-                if parse_error is not None:
-                    raise InvalidRequestError("input", f"{file.name!r}: cannot read the CSV header: {parse_error}")
-                if not values:
-                    continue
-                header = values
-                if _bad_utf8(header):
-                    raise InvalidRequestError("input", f"{file.name!r}: the CSV header is not valid UTF-8")
-                keep = [i for i, h in enumerate(header) if cols is None or h in cols]
-                continue
             if values is not None and not values:
                 continue  # blank line
             row = base + n
@@ -389,10 +477,7 @@ def _read_parquet(
     stats: ReadStats,
     batch_rows: int,
 ) -> Generator[RawRow, None, int]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(file.path)
-    try:
+    with _open_parquet(file) as pf, _readable(file, "Parquet", _parquet_errors()):
         names = pf.schema_arrow.names
         read_cols = None if cols is None else [c for c in cols if c in names]
         drop_all = read_cols == [] and bool(names)
@@ -422,5 +507,3 @@ def _read_parquet(
                     offset = b_stop
             start = stop
         return meta.num_rows
-    finally:
-        pf.close()

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from ..errors import InvalidRequestError
 from .prepare import RequestBuilder
-from .readers import InputFile, ReadStats, count_rows, iter_batches, probe_columns, resolve_inputs
+from .readers import InputFile, Position, ReadStats, count_rows, iter_batches, probe_columns, resolve_inputs
 from .spec import RESERVED_OUTPUT_COLUMNS, JobSpec
 from .writers import (
     ERRORS_DIR,
@@ -229,29 +229,14 @@ def run_job(
                         out, shard, fmt, max_buffered_rows=spec.max_buffered_rows, schema_hint=schema_hint, fsync=fsync
                     )
                 item: Any = built_item if isinstance(built_item, str) else next(results)
-                if isinstance(item, str):
-                    writer.add_error(
-                        row_id, raw.position, files[raw.position.file_index].name, item or "failed (no reason given)"
-                    )
-                    summary.errors += 1
-                else:
-                    tokens = item.get(TOKENS_KEY)
-                    if tokens is not None:
-                        item = {k: v for k, v in item.items() if k != TOKENS_KEY}
-                        summary.tokens += int(tokens)
-                    writer.add_result(row_id, raw.position.row, item)
-                    summary.results += 1
+                write_row(writer, summary, row_id, raw.position, files[raw.position.file_index].name, item)
                 if writer.results + writer.errors == r:
-                    writer.commit()
-                    if writer.results:  # an all-error shard's schema says nothing about results
-                        schema_hint = writer.schema
-                    summary.shards_written += 1
+                    schema_hint = commit_shard(writer, summary, schema_hint)
                     writer = None
             summary.rows += len(batch)
             _update_bar(bar, len(batch), summary, t0)
         if writer is not None:  # the input's last, short shard
-            writer.commit()
-            summary.shards_written += 1
+            commit_shard(writer, summary, schema_hint)
             writer = None
     except BaseException:
         if writer is not None:
@@ -267,6 +252,35 @@ def run_job(
 #: One batch, ready for the processor: raw rows, ``(id, request or reason)`` per row,
 #: the requests, and what ``processor.prepare`` made of them.
 _Staged = tuple[list[Any], list[tuple[Any, Any]], list[dict[str, Any]], Any]
+
+
+def write_row(
+    writer: ShardWriter, summary: JobSummary, row_id: Any, position: Position, file: str, item: dict[str, Any] | str
+) -> None:
+    """Write one row's result (or its error reason, a str) and count it in ``summary``.
+
+    The single-process run and the Ray sink both write through here, so their output is the same.
+    """
+    if isinstance(item, str):
+        writer.add_error(row_id, position, file, item or "failed (no reason given)")
+        summary.errors += 1
+        return
+    tokens = item.get(TOKENS_KEY)
+    if tokens is not None:  # the processor's token count is for the summary, not a result column
+        item = {k: v for k, v in item.items() if k != TOKENS_KEY}
+        summary.tokens += int(tokens)
+    writer.add_result(row_id, position.row, item)
+    summary.results += 1
+
+
+def commit_shard(writer: ShardWriter, summary: JobSummary, schema_hint: Any) -> Any:
+    """Commit a finished shard; returns the schema later shards should reuse.
+
+    An all-error shard's schema says nothing about results, so it keeps the previous hint.
+    """
+    writer.commit()
+    summary.shards_written += 1
+    return writer.schema if writer.results else schema_hint
 
 
 def _call(processor: Processor, requests: list[dict[str, Any]], state: Any = None, prepared: bool = False) -> list[Any]:

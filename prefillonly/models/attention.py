@@ -17,6 +17,28 @@ import torch.nn.functional as F
 _QUERY_BLOCK = 2048
 
 
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``host`` on ``device``; to a GPU through page-locked memory without waiting.
+
+    A copy from pageable memory blocks the host until the GPU's queue has
+    drained, so one stray ``.to("cuda")`` stalls the pipelined steps: the host
+    can no longer queue the next step's work while the GPU runs this one.
+    """
+    if torch.device(device).type == "cuda" and host.device.type == "cpu":
+        if host.is_pinned():
+            return host.to(device, non_blocking=True)
+        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        # numpy copies on this thread; torch's CPU copy may wait on an OpenMP team that the image workers keep busy
+        _bytes(pinned)[:] = _bytes(host.contiguous())
+        return pinned.to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _bytes(t: torch.Tensor):
+    """The bytes of a contiguous tensor as a flat numpy view (any dtype, bfloat16 included)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
 @dataclass
 class AttentionMeta:
     """Where each sequence starts in the packed stream."""
@@ -30,12 +52,7 @@ class AttentionMeta:
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + n)
-        cu = torch.tensor(offsets, dtype=torch.int32)
-        if torch.device(device).type == "cuda":  # pinned + non_blocking: no stream sync, the host can run ahead
-            cu = cu.pin_memory().to(device, non_blocking=True)
-        else:
-            cu = cu.to(device)
-        return cls(cu, list(lengths), max(lengths))
+        return cls(to_device(torch.tensor(offsets, dtype=torch.int32), device), list(lengths), max(lengths))
 
 
 def _varlen_fn():

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .attention import _VARLEN, _VARLEN_GQA, packed_attention
+from .attention import _VARLEN, _VARLEN_GQA, packed_attention, to_device
 from .layers import Rotary
 
 _cache: dict = {"meta": None, "tables": {}}
@@ -107,10 +107,7 @@ def _query_chunks(meta, n: int, chunk: int, device):
     key = ("qchunks", n, chunk)
     if key not in tables:
         bounds = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
-        host = torch.tensor([[0, b - a, 0, b] for a, b in bounds], dtype=torch.int32)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        dev = host.to(device, non_blocking=True)
+        dev = to_device(torch.tensor([[0, b - a, 0, b] for a, b in bounds], dtype=torch.int32), device)
         tables[key] = (bounds, dev[:, 0:2], dev[:, 2:4])
     return tables[key]
 
@@ -126,7 +123,7 @@ def _padded_layout(meta, device):
             bidx.extend([b] * n)
             pidx.extend(range(n))
         host = torch.stack([torch.frombuffer(a, dtype=torch.long) for a in (rows, bidx, pidx)])
-        dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+        dev = to_device(host, device)
         tables["pad"] = (len(lengths), lmax, dev[0], dev[1], dev[2])
     return tables["pad"]
 

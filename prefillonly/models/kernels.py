@@ -7,7 +7,9 @@ Three memory-bound stages of a decoder layer each become one kernel:
 * ``qk_norm_rope``: splits a fused ``qkv`` projection, applies the per-head
   q/k RMSNorm (Qwen3, Gemma 3) and rotary embedding, and writes contiguous
   q, k, v in one pass;
-* ``act_mul``: ``act(gate) * up`` from a fused ``gate_up`` projection.
+* ``act_mul``: ``act(gate) * up`` from a fused ``gate_up`` projection;
+* ``add_norm``: the vision towers' float32 residual add (in place) and the
+  LayerNorm or RMSNorm after it, written in the compute dtype.
 
 They are used by :mod:`prefillonly.models.fastpath` only on CUDA tensors in
 float16/bfloat16; the CPU float32 path never calls them. Every kernel rounds
@@ -136,6 +138,29 @@ if HAVE_TRITON:
         tl.store(out_ptr + row * stride_out + cols, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _add_norm_kernel(x_ptr, d_ptr, w_ptr, b_ptr, y_ptr, stride_x, stride_d, stride_y, n_cols, eps,
+                         BLOCK: tl.constexpr, ADD: tl.constexpr, LAYER: tl.constexpr, BIAS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if ADD:
+            x = x + tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(x_ptr + row * stride_x + cols, x, mask=mask)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if LAYER:
+            mean = tl.sum(x, 0) / n_cols
+            xc = tl.where(mask, x - mean, 0.0)
+            y = xc * tl.rsqrt(tl.sum(xc * xc, 0) / n_cols + eps) * w
+            if BIAS:
+                y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            h = x * tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
+            y = h.to(y_ptr.dtype.element_ty).to(tl.float32) * w
+        tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -199,3 +224,24 @@ def act_mul(gate_up: torch.Tensor, act: str) -> torch.Tensor:
         _act_mul_kernel[(n, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), out.stride(0), inter,
                                                         BLOCK=block, ACT=ACT_CODES[act], num_warps=4)
     return out
+
+
+def add_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+             eps: float, layer_norm: bool, dtype: torch.dtype) -> torch.Tensor:
+    """``x += delta`` in place (x a float32 residual stream), then its norm in ``dtype``, in one pass.
+
+    LayerNorm computes in float32 and rounds once (``F.layer_norm`` on the
+    float32 stream, then ``.to(dtype)``); RMSNorm rounds the normalised row
+    before the weight multiply, as transformers' Qwen2.5-VL norm does.
+    """
+    if x.stride(-1) != 1 or (delta is not None and delta.stride(-1) != 1):
+        raise ValueError("add_norm needs rows with unit stride")
+    n, d = x.shape
+    y = torch.empty((n, d), dtype=dtype, device=x.device)
+    if n:
+        block = _p2(d)
+        _add_norm_kernel[(n,)](x, delta if delta is not None else x, weight, bias if bias is not None else weight, y,
+                               x.stride(0), delta.stride(0) if delta is not None else 0, y.stride(0), d, eps,
+                               BLOCK=block, ADD=delta is not None, LAYER=layer_norm, BIAS=bias is not None,
+                               num_warps=8 if block >= 4096 else 4)
+    return y

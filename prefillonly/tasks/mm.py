@@ -169,9 +169,9 @@ class MultimodalEmbedTask(Task[EmbedResult]):
         self.head = IdentityHead()
 
     def sequences(self, item, field, enc):
-        from ..prompts import is_chat, is_token_ids
+        from ..prompts import is_role_chat, is_token_ids
 
-        if is_token_ids(item) or is_chat(item) and all("role" in m for m in item):
+        if is_token_ids(item) or is_role_chat(item):
             ids = enc.fit(enc.encode(item, field), field, self.truncate, self.side)
         else:
             text, sources = split_item(enc, item, field)

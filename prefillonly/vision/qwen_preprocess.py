@@ -23,7 +23,7 @@ from PIL import Image
 
 from prefillonly.errors import ImageError
 from prefillonly.vision.config_io import read_image_processor_config
-from prefillonly.vision.image_io import to_rgb
+from prefillonly.vision.image_io import rgb_pixels, to_rgb
 from prefillonly.vision.pixel_norm import normalization_lut
 
 __all__ = ["smart_resize", "QwenImageInput", "QwenImagePreprocessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
@@ -221,7 +221,7 @@ class QwenImagePreprocessor:
         image = to_rgb(image)
         if self.do_resize and (rw, rh) != image.size:  # PIL returns a plain copy for the same size
             image = image.resize((rw, rh), resample=self.resample)
-        pixels = np.asarray(image)  # (H, W, 3) uint8
+        pixels = rgb_pixels(image)  # (H, W, 3) uint8, a view where Pillow allows
         pixel_values = self._patchify(pixels, dtype, pin_memory)
         grid_h, grid_w = rh // self.patch_size, rw // self.patch_size
         return QwenImageInput(

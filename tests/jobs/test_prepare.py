@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from typing import Any
 
@@ -114,9 +115,12 @@ def test_engine_processor_tokenises_in_prepare(tiny_llm, tmp_path, kind, monkeyp
     results, errors = read_output(tmp_path / "out")
     for i, ref in enumerate(want):
         if ref.error is not None:
-            reason = ref.error.split(": ", 1)[1] if kind == "text" else "messages[0]: " + ref.error.split(": ", 1)[1]
+            # a chat's message is named within the row: prompts[5][0].content -> messages[0].content
+            reason = ref.error.split(": ", 1)[1] if kind == "text" else re.sub(r"^prompts\[\d+\]", "messages", ref.error)
             assert errors[i]["reason"] == reason
         else:
             assert results[i]["label"] == ref.label
             assert results[i]["probs"] == pytest.approx(ref.probs, abs=1e-6)
     assert len(errors) == (5 if kind == "text" else 1)
+    if kind == "chat":  # the row's own message is named, not the call's batch index
+        assert errors[5]["reason"] == "messages[0].content: is missing; give every message a content, a string"

@@ -111,7 +111,8 @@ def test_malformed_rows_go_to_errors_and_job_continues(tmp_path):
     summary = run_job(spec, Proc(), progress=False)
     assert summary.rows == 40 and summary.errors == 5
     _, errors = check_complete(tmp_path / "out", list(range(40)), [3, 5, 7, 9, 11])
-    assert errors[3]["reason"].startswith("line 4: invalid JSON: ")
+    assert errors[3]["reason"] == "line 4: invalid JSON: Expecting value at column 19"
+    assert errors[3]["file"] == "in.jsonl" and errors[3]["row_index"] == 3
     assert errors[5]["reason"] == "empty text"
     assert errors[7]["reason"] == "missing column 'text' used by the prompt template"
     assert errors[9]["reason"] == "column 'text' is null; the prompt template needs it"

@@ -18,7 +18,7 @@ import skimage.data
 from PIL import Image
 
 from prefillonly.errors import ImageError, InvalidRequestError
-from prefillonly.vision.image_io import image_content_hash, load_image, to_rgb
+from prefillonly.vision.image_io import image_content_hash, load_image, rgb_pixels, to_rgb
 
 # --------------------------------------------------------------------------- helpers
 
@@ -120,6 +120,30 @@ def test_content_hash(photo: Image.Image) -> None:
     b = Image.frombytes("RGB", (3, 2), bytes(range(18)))
     assert image_content_hash(a) != image_content_hash(b)
     assert len(h) >= 32 and int(h, 16) >= 0
+    grey = photo.convert("L")
+    assert image_content_hash(grey) != image_content_hash(grey.convert("RGB"))  # the mode counts
+    # Pillow's padding byte differs between a resized image and the same pixels decoded: the hash does not
+    resized = photo.resize((123, 77), Image.Resampling.BICUBIC)
+    assert image_content_hash(resized) == image_content_hash(Image.frombytes("RGB", resized.size, resized.tobytes()))
+
+
+def test_content_hash_without_a_view_of_pillow_memory(photo: Image.Image, monkeypatch) -> None:
+    """Older Pillow, or an image in several blocks of memory: the same digest, through a copy."""
+    from prefillonly.vision import image_io
+
+    images = [photo, photo.resize((123, 77)), Image.new("RGB", (5, 1), (1, 2, 3))]
+    with_view = [image_content_hash(img) for img in images]
+    monkeypatch.setattr(image_io, "_pillow_rgbx", lambda img: None)
+    assert [image_content_hash(img) for img in images] == with_view
+
+
+def test_rgb_pixels_are_the_array_pixels(photo: Image.Image) -> None:
+    """A view of Pillow's memory where it can be had (no GIL-holding copy), else the usual copy: same pixels."""
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (2100, 2100, 3), dtype=np.uint8))  # > 16 MiB
+    for img in (photo, photo.resize((333, 517)), Image.new("RGB", (5, 1), (1, 2, 3)), big):
+        got = rgb_pixels(img)
+        assert got.shape == (img.height, img.width, 3) and got.dtype == np.uint8
+        np.testing.assert_array_equal(got, np.asarray(img))
 
 
 # --------------------------------------------------------------------------- bad sources

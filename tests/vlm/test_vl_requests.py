@@ -139,3 +139,16 @@ def test_plain_prompt_markers_and_errors(llm):
     shared = io.BytesIO(png_bytes(GOOD[0]))
     res = llm.next_token(["first:", "second:"], images=[shared, shared])
     assert all(r.error is None for r in res) and res[0].token_id == res[1].token_id
+
+
+def test_bad_chat_messages_named_like_the_text_path(llm):
+    """A VLM chat goes through the same message check: a role the template would drop fails its item alone."""
+    system = {"role": "developer", "content": [{"type": "text", "text": "Answer yes or no."}]}
+    out = llm.classify([_ask(GOOD[0]), [system] + _ask(GOOD[0])], labels=["yes", "no"])
+    assert out[1].error == "prompts[1][0].role: must be one of 'system', 'user', 'assistant', 'tool'; got 'developer'"
+    alone = llm.classify(_ask(GOOD[0]), labels=["yes", "no"])
+    assert out[0].error is None and out[0].probs == pytest.approx(alone.probs, abs=1e-6)
+    with pytest.raises(InvalidRequestError) as info:
+        llm.classify([{"role": "user", "content": None}], labels=["yes", "no"])
+    assert info.value.field == "prompts[0].content"
+    assert info.value.reason == "must be a string or a list of content parts; got NoneType"

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import CheckpointError
+from ..attention import to_device
 from ..layers import activation
 
 
@@ -199,7 +200,7 @@ class LlavaNextVision(nn.Module):
         s = self.spec
         device = self.image_newline.device
         counts = [int(x.pixel_values.shape[0]) for x in inputs]
-        pixels = torch.cat([x.pixel_values for x in inputs]).to(device)
+        pixels = to_device(torch.cat([x.pixel_values for x in inputs]), device)
         states = self.vision_tower.vision_model(pixels, s.feature_layers)
         feats = torch.cat(states, dim=-1) if len(states) > 1 else states[0]
         if s.select_strategy == "default":

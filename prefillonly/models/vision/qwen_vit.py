@@ -21,14 +21,17 @@ features are closer to float32 than transformers' bf16. The cost is one
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...errors import CheckpointError
-from ..attention import AttentionMeta, packed_attention
+from ..attention import AttentionMeta, packed_attention, to_device
+from .. import kernels
 from ..layers import GatedMLP, RMSNorm, activation, apply_rotary
 
 QWEN_VISION_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -117,19 +120,26 @@ def qwen_vision_spec(config: Any, kind: str) -> QwenVisionSpec:
 
 
 # --------------------------------------------------------------------------- layout helpers
+#
+# These run on the host for every tower call, in numpy: torch's CPU ops fan out over its OpenMP threads,
+# which the image-preprocessing threads keep busy, and then one small op can stall the thread that feeds
+# the GPU for milliseconds (measured: 136 ms of GPU idle in one pass of 96 mixed-size images). Each grid's
+# layout is computed once and reused (a batch's images mostly share a few grids).
+
+
+@lru_cache(maxsize=1024)
+def _grid_block_positions(t: int, h: int, w: int, merge: int) -> np.ndarray:
+    hpos = np.broadcast_to(np.arange(h)[:, None], (h, w))
+    wpos = np.broadcast_to(np.arange(w)[None, :], (h, w))
+    shape = (h // merge, merge, w // merge, merge)
+    hpos = hpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+    wpos = wpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+    return np.tile(np.stack([hpos, wpos], axis=-1), (t, 1))
 
 
 def block_positions(grids: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
     """(P, 2) patch (row, col) in the processor's merge-block order, all images concatenated."""
-    out = []
-    for t, h, w in grids:
-        hpos = torch.arange(h)[:, None].expand(h, w)
-        wpos = torch.arange(w)[None, :].expand(h, w)
-        shape = (h // merge, merge, w // merge, merge)
-        hpos = hpos.reshape(shape).transpose(1, 2).flatten()
-        wpos = wpos.reshape(shape).transpose(1, 2).flatten()
-        out.append(torch.stack([hpos, wpos], dim=-1).repeat(t, 1))
-    return torch.cat(out)
+    return torch.from_numpy(np.concatenate([_grid_block_positions(*g, merge) for g in grids]))
 
 
 def window_layout(grids: list[tuple[int, int, int]], merge: int, window_size: int, patch_size: int):
@@ -139,49 +149,60 @@ def window_layout(grids: list[tuple[int, int, int]], merge: int, window_size: in
     index, lengths, base = [], [], 0
     for t, h, w in grids:
         gh, gw = h // merge, w // merge
-        idx = torch.arange(t * gh * gw).reshape(t, gh, gw)
+        idx = np.arange(t * gh * gw).reshape(t, gh, gw)
         pad_h, pad_w = win - gh % win, win - gw % win
         nh, nw = (gh + pad_h) // win, (gw + pad_w) // win
-        padded = F.pad(idx, (0, pad_w, 0, pad_h), value=-100)
-        padded = padded.reshape(t, nh, win, nw, win).permute(0, 1, 3, 2, 4).reshape(t, nh * nw, win * win)
+        padded = np.pad(idx, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-100)
+        padded = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, win * win)
         counts = (padded != -100).sum(-1).reshape(-1)
         flat = padded.reshape(-1)
         index.append(flat[flat != -100] + base)
-        lengths.extend(int(c) * unit for c in counts.tolist() if c > 0)
+        lengths.extend(int(c) * unit for c in counts if c > 0)
         base += t * gh * gw
-    return torch.cat(index), lengths
+    return torch.from_numpy(np.concatenate(index)), lengths
 
 
-def interpolation_taps(grids: list[tuple[int, int, int]], side: int, merge: int):
-    """Bilinear (align_corners) taps into Qwen3-VL's square position table, in merge-block order."""
-    pos = block_positions(grids, merge)
-    sizes = torch.cat([torch.tensor([[h, w]]).expand(t * h * w, 2) for t, h, w in grids])
+@lru_cache(maxsize=1024)
+def _grid_taps(t: int, h: int, w: int, side: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    pos = _grid_block_positions(t, h, w, merge)
     idx_axes, w_axes = [], []
-    for axis in (0, 1):
-        index = pos[:, axis].float()
-        size = sizes[:, axis].float()
-        src = index * (side - 1) / torch.clamp(size - 1, min=1)
-        floor = torch.floor(src)
-        offsets = torch.arange(2)
-        taps = (floor.long()[:, None] + offsets).clamp(0, side - 1)
-        weights = (1 - (src[:, None] - floor[:, None] - offsets).abs()).clamp(min=0)
+    for axis, size in ((0, h), (1, w)):
+        src = pos[:, axis].astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+        floor = np.floor(src)
+        offsets = np.arange(2, dtype=np.float32)
+        taps = np.clip(floor.astype(np.int64)[:, None] + np.arange(2), 0, side - 1)
+        weights = np.clip(1 - np.abs(src[:, None] - floor[:, None] - offsets), 0, None)
         idx_axes.append(taps)
         w_axes.append(weights)
     indices = (idx_axes[0][:, :, None] * side + idx_axes[1][:, None, :]).reshape(-1, 4)
     weights = (w_axes[0][:, :, None] * w_axes[1][:, None, :]).reshape(-1, 4)
-    return indices, weights
+    return indices, weights.astype(np.float32)
+
+
+def interpolation_taps(grids: list[tuple[int, int, int]], side: int, merge: int):
+    """Bilinear (align_corners) taps into Qwen3-VL's square position table, in merge-block order."""
+    taps = [_grid_taps(*g, side, merge) for g in grids]
+    return (torch.from_numpy(np.concatenate([i for i, _ in taps])),
+            torch.from_numpy(np.concatenate([w for _, w in taps])))
 
 
 # --------------------------------------------------------------------------- modules
 
 
-def _norm(mod: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``mod(x)`` for the float32 residual stream ``x``, returned in the compute ``dtype``.
+def _norm(mod: nn.Module, x: torch.Tensor, dtype: torch.dtype, delta: torch.Tensor | None = None,
+          fused: bool = False) -> torch.Tensor:
+    """``x += delta`` (when given) on the float32 residual stream ``x``, then ``mod(x)`` in the compute ``dtype``.
 
     RMSNorm rounds the normalised rows to ``dtype`` before the weight multiply,
     as transformers' Qwen2.5-VL RMSNorm does; LayerNorm rounds once at the end.
-    With ``dtype`` float32 both are exactly the modules' own forward.
+    With ``dtype`` float32 both are exactly the modules' own forward. ``fused``
+    (CUDA, half precision) does the add and the norm in one Triton kernel.
     """
+    if fused:
+        layer = isinstance(mod, nn.LayerNorm)
+        return kernels.add_norm(x, delta, mod.weight, mod.bias if layer else None, mod.eps, layer, dtype)
+    if delta is not None:
+        x.add_(delta)
     if isinstance(mod, nn.LayerNorm):
         w = None if mod.weight is None else mod.weight.float()
         b = None if mod.bias is None else mod.bias.float()
@@ -226,12 +247,17 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(spec.hidden_size, spec.hidden_size)
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMeta,
+                fused: bool = False) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.heads, self.head_dim).unbind(1)
-        # rotary in float32, as transformers does for the vision tower
-        q = apply_rotary(q.float(), cos, sin).to(v.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(v.dtype)
+        qkv = self.qkv(x)
+        # rotary in float32, as transformers does for the vision tower; fused: one kernel splits and rotates
+        if fused:
+            q, k, v = kernels.qk_norm_rope(qkv, cos, sin, self.heads, self.heads, self.head_dim, None, None, 0.0)
+        else:
+            q, k, v = qkv.view(n, 3, self.heads, self.head_dim).unbind(1)
+            q = apply_rotary(q.float(), cos, sin).to(v.dtype)
+            k = apply_rotary(k.float(), cos, sin).to(v.dtype)
         out = packed_attention(q, k, v, meta, self.scale, causal=False)
         return self.proj(out.reshape(n, -1))
 
@@ -250,11 +276,14 @@ class VisionBlock(nn.Module):
             self.mlp = FcMLP(spec.hidden_size, spec.intermediate_size, spec.activation, names)
         self.attn = VisionAttention(spec)
 
-    def forward(self, x, cos, sin, meta):
-        """x: the float32 residual stream, updated in place (the tower owns it)."""
+    def forward(self, x, cos, sin, meta, pending: torch.Tensor | None = None,
+                fused: bool = False) -> torch.Tensor:
+        """x: the float32 residual stream, updated in place (the tower owns it); ``pending``: the previous
+        block's MLP output, not yet added (the add rides in this block's first norm). Returns this block's
+        MLP output, likewise not yet added to ``x``."""
         dtype = self.attn.qkv.weight.dtype
-        x.add_(self.attn(_norm(self.norm1, x, dtype), cos, sin, meta))
-        return x.add_(self.mlp(_norm(self.norm2, x, dtype)))
+        attn = self.attn(_norm(self.norm1, x, dtype, pending, fused), cos, sin, meta, fused)
+        return self.mlp(_norm(self.norm2, x, dtype, attn, fused))
 
 
 class Qwen2Merger(nn.Module):
@@ -301,6 +330,7 @@ class QwenVisionTower(nn.Module):
         if spec.kind not in QWEN_VISION_KINDS:
             raise ValueError(f"unknown Qwen vision kind {spec.kind!r}")
         self.spec = spec
+        self.fused = False  # Triton kernels for the rotary and add+norm stages: set by engine.accel (CUDA, bf16/fp16)
         self.patch_embed = PatchEmbed(spec, bias=spec.kind == "qwen3_vl")
         if spec.kind == "qwen3_vl":
             self.pos_embed = nn.Embedding(spec.num_position_embeddings, spec.hidden_size)
@@ -320,7 +350,7 @@ class QwenVisionTower(nn.Module):
         s = self.spec
         dim = s.head_dim // 2
         inv = 1.0 / (s.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
-        pos = block_positions(grids, s.merge_size).to(device)
+        pos = to_device(block_positions(grids, s.merge_size), device)
         freqs = (pos[..., None].float() * inv).flatten(1)  # (P, head_dim/2): h then w
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
@@ -333,7 +363,7 @@ class QwenVisionTower(nn.Module):
         x = self.patch_embed(pixels.to(device)).float()
         if s.kind == "qwen3_vl":
             idx, wts = interpolation_taps(grids, self.side, s.merge_size)
-            pos = (self.pos_embed.weight[idx.to(device)] * wts.to(device)[:, :, None]).sum(1)
+            pos = (self.pos_embed.weight[to_device(idx, device)] * to_device(wts, device)[:, :, None]).sum(1)
             x = x + pos.float()
         cos, sin = self._rotary(grids, device)
         frames = [h * w for t, h, w in grids for _ in range(t)]
@@ -343,17 +373,22 @@ class QwenVisionTower(nn.Module):
             order, lengths = window_layout(grids, s.merge_size, s.window_size, s.patch_size)
             window = AttentionMeta.from_lengths(lengths, device)
             unit = s.merge_size**2
-            patch_order = (order[:, None] * unit + torch.arange(unit)).flatten().to(device)
+            patch_order = to_device((order[:, None] * unit + torch.arange(unit)).flatten(), device)
             x, cos, sin = x[patch_order], cos[patch_order], sin[patch_order]
         deepstack = []
+        pending = None
         for i, blk in enumerate(self.blocks):
             meta = window if window is not None and i not in s.fullatt_block_indexes else full
-            x = blk(x, cos, sin, meta)
+            pending = blk(x, cos, sin, meta, pending, self.fused)
             if i in s.deepstack_indexes:
+                x.add_(pending)
+                pending = None
                 deepstack.append(self.deepstack_merger_list[s.deepstack_indexes.index(i)](x))
+        if pending is not None:
+            x.add_(pending)
         merged = self.merger(x)
         if order is not None:
-            merged = merged[torch.argsort(order).to(device)]
+            merged = merged[to_device(torch.argsort(order), device)]
         return merged, deepstack
 
     def encode(self, inputs: list[Any]) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:

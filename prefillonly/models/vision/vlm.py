@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ...vision.preprocess_pool import prefetch
+from ..attention import to_device
 from ..decoder import CausalLM
 from ..spec import DecoderSpec
 from .cache import EncoderCache, EncoderStats, Features
@@ -184,7 +185,7 @@ class VisionLanguageModel(CausalLM):
         device = self._device()
         if data.pixel_values.device == device:
             return data
-        return replace(data, pixel_values=data.pixel_values.to(device, non_blocking=data.pixel_values.is_pinned()))
+        return replace(data, pixel_values=to_device(data.pixel_values, device))
 
     def _image_rows(self, step) -> tuple[torch.Tensor, list[ImageRef]] | None:
         starts: list[torch.Tensor] = []
@@ -206,7 +207,7 @@ class VisionLanguageModel(CausalLM):
         rows_cpu, refs = placed
         feats = self.encode_images([r.item for r in refs])  # first: the tower's peak does not hold the embeddings
         hidden = self.model.embed(step.input_ids)
-        rows = rows_cpu.to(hidden.device, non_blocking=True)
+        rows = to_device(rows_cpu, hidden.device)
         main = torch.cat([feats[r.item.key][0] for r in refs]).to(hidden.dtype)
         hidden = hidden.index_copy(0, rows, main)
         levels = len(feats[refs[0].item.key][1])

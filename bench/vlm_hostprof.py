@@ -1,0 +1,256 @@
+"""Where the host's time goes in one VLM pass: a timeline of the main thread plus its cProfile.
+
+    python -m bench.vlm_hostprof [--model Qwen3-VL-2B-Instruct] [--workloads V1,V2] [--n-images 192]
+                                 [--variants base,noview,switch1ms,workers8] [--kernels] [--cprofile]
+    python -m bench.vlm_hostprof --smoke      # CPU, shrunk config: tests this script
+
+Random bf16 weights in the real config (as bench.vlm), one warm pass, then one pass timed phase by phase:
+rendering (before the first step), per step the wait for its pixels, the host time to launch it (tower
+calls included, with their stream syncs) and the wait for the previous step's output; then one pass under
+cProfile (main thread only: time in ``synchronize``/``to`` is the GPU draining, in ``acquire``/``wait``
+the workers' pixels or the GIL). GPU idle is what these leave uncovered by kernels. ``--kernels`` adds the
+profiler's kernel table of one pass and the GPU time between the tower calls' start and end events.
+``--variants`` repeats the timeline with host settings changed in the same process (worker threads, the
+GIL switch interval, the Pillow memory view), to choose them by measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench import common
+from bench.vlm import LABELS, make_vl_checkpoint, make_workload
+
+
+def _label(name: str) -> Any:
+    from torch.profiler import record_function
+
+    return record_function(name)
+
+
+def _timeline(llm: Any, chats: list) -> dict[str, Any]:
+    """One pass with the runner's and the model's entry points timed (wall, main thread)."""
+    runner, model = llm.runner, llm.model
+    marks: dict[str, Any] = {"steps": [], "tower_s": 0.0, "tower_calls": 0}
+    run, execute, collect, prepare, encode = (runner.run, runner._execute, runner._collect, model.prepare_steps,
+                                              model.tower.encode)
+
+    def timed_run(*a: Any, **k: Any) -> Any:
+        marks["render_s"] = time.perf_counter() - marks["t0"]
+        return run(*a, **k)
+
+    def timed_prepare(steps: list) -> Any:
+        gen = prepare(steps)
+        try:
+            while True:
+                t = time.perf_counter()
+                try:
+                    with _label("pixels_wait"):
+                        failed = next(gen)
+                except StopIteration:
+                    return
+                marks["steps"].append({"pixels_wait_s": time.perf_counter() - t})
+                yield failed
+        finally:
+            gen.close()
+
+    def timed_execute(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            with _label("step_launch"):
+                return execute(*a, **k)
+        finally:
+            marks["steps"][-1]["launch_s"] = time.perf_counter() - t
+
+    def timed_collect(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            with _label("collect"):
+                return collect(*a, **k)
+        finally:
+            if marks["steps"]:
+                marks["steps"][-1]["collect_s"] = time.perf_counter() - t
+
+    def timed_encode(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        ev = None
+        if common.DEV == "cuda":
+            import torch
+
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev[0].record()
+        try:
+            with _label("tower"):
+                return encode(*a, **k)
+        finally:
+            if ev is not None:
+                ev[1].record()
+                marks.setdefault("tower_events", []).append(ev)
+            marks["tower_s"] += time.perf_counter() - t
+            marks["tower_calls"] += 1
+
+    runner.run, runner._execute, runner._collect = timed_run, timed_execute, timed_collect
+    model.prepare_steps, model.tower.encode = timed_prepare, timed_encode
+    try:
+        model.encoder_cache.clear()
+        common.sync()
+        marks["t0"] = time.perf_counter()
+        llm.classify(chats, labels=LABELS, use_tqdm=False)
+        common.sync()
+        marks["total_s"] = time.perf_counter() - marks.pop("t0")
+        marks["tower_gpu_s"] = sum(a.elapsed_time(b) for a, b in marks.pop("tower_events", [])) / 1e3
+    finally:
+        del runner.run, runner._execute, runner._collect, model.prepare_steps, model.tower.encode
+    return marks
+
+
+def _variant(name: str, llm: Any) -> Any:
+    """Apply one host setting; returns a function that undoes it."""
+    from prefillonly.vision import image_io, preprocess_pool
+
+    if name == "base":
+        return lambda: None
+    if name == "noview":
+        saved = image_io._pillow_rgbx
+        image_io._pillow_rgbx = lambda img: None
+        return lambda: setattr(image_io, "_pillow_rgbx", saved)
+    if name.startswith("switch"):
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(float(name[len("switch"):].removesuffix("ms")) / 1e3)
+        return lambda: sys.setswitchinterval(old)
+    if name.startswith("firststep"):
+        from prefillonly.engine import runner
+
+        saved_fraction = runner.FIRST_STEP_FRACTION
+        runner.FIRST_STEP_FRACTION = int(name[len("firststep"):])
+        return lambda: setattr(runner, "FIRST_STEP_FRACTION", saved_fraction)
+    if name.startswith("workers"):
+        saved = preprocess_pool._executor
+        preprocess_pool._executor = ThreadPoolExecutor(int(name[len("workers"):]), thread_name_prefix="vl-image")
+        return lambda: setattr(preprocess_pool, "_executor", saved)
+    raise SystemExit(f"--variants: unknown variant {name!r}")
+
+
+def _sync_points(fn: Any) -> list[tuple[str, int]]:
+    """The host stacks (our frames) that synchronised with the GPU during ``fn()``, with their counts."""
+    import traceback
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    seen: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        frames = [f for f in traceback.extract_stack()[:-1] if "/prefillonly/" in f.filename or "/bench/" in f.filename]
+        seen["".join(traceback.format_list(frames[-4:]))] += 1
+
+    old = warnings.showwarning
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = old
+    return seen.most_common(12)
+
+
+def _summary(m: dict[str, Any], n: int) -> str:
+    steps = m["steps"]
+    tot = {k: sum(s.get(k, 0.0) for s in steps) for k in ("pixels_wait_s", "launch_s", "collect_s")}
+    return (f"{n / m['total_s']:.1f} req/s, {m['total_s'] * 1e3:.0f} ms: render {m['render_s'] * 1e3:.0f} ms, "
+            f"{len(steps)} steps: pixels wait {tot['pixels_wait_s'] * 1e3:.0f} ms, launch {tot['launch_s'] * 1e3:.0f} ms, "
+            f"collect {tot['collect_s'] * 1e3:.0f} ms; tower {m['tower_calls']} calls, host {m['tower_s'] * 1e3:.0f} ms, "
+            f"GPU {m.get('tower_gpu_s', 0.0) * 1e3:.0f} ms")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="Qwen3-VL-2B-Instruct")
+    p.add_argument("--workloads", default="V1,V2")
+    p.add_argument("--n-images", type=int, default=192)
+    p.add_argument("--variants", default="base",
+                   help="comma-separated: base, noview, switch<ms>ms, workers<n>, firststep<fraction of the budget>")
+    p.add_argument("--repeats", type=int, default=3, help="timelines per variant (the median is printed)")
+    p.add_argument("--kernels", action="store_true", help="the profiler's kernel table of one pass")
+    p.add_argument("--cprofile", action="store_true", help="the main thread's cProfile of one pass")
+    p.add_argument("--steps", action="store_true", help="print every step of the base timeline")
+    p.add_argument("--trace", default=None, help="write a Chrome trace of one timeline pass per workload here (a folder)")
+    p.add_argument("--sync-debug", action="store_true", help="where one pass synchronises with the GPU (CUDA)")
+    p.add_argument("--tmp", default="/tmp/prefillonly-vlm-hostprof")
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args(argv)
+    a.v1_side, a.v2_min, a.v2_max, a.v3_questions = 448, 224, 1344, 10
+    if a.smoke:
+        common.use_cpu()
+        a.n_images, a.v1_side, a.v2_min, a.v2_max, a.v3_questions = 8, 96, 56, 200, 2
+    path = Path(a.tmp) / a.model
+    hf = make_vl_checkpoint(a.model, path, a.smoke)
+    del hf
+    common.free()
+    llm, _, _ = common.load_ours(path, dtype="float32" if a.smoke else "bfloat16")
+    for wl in a.workloads.split(","):
+        chats = make_workload(wl, a).chats
+        n = len(chats)
+        llm.classify(chats, labels=LABELS, use_tqdm=False)  # warm: kernels, allocators, pinned memory
+        for variant in a.variants.split(","):
+            undo = _variant(variant, llm)
+            try:
+                runs = [_timeline(llm, chats) for _ in range(a.repeats)]
+            finally:
+                undo()
+            m = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]
+            print(f"{a.model} {wl} [{variant}] {n} requests: {_summary(m, n)}; "
+                  f"all passes {[round(r['total_s'] * 1e3) for r in runs]} ms", flush=True)
+            if a.steps and variant == "base":
+                for k, s in enumerate(m["steps"]):
+                    print(f"  step {k}: " + ", ".join(f"{key} {v * 1e3:.1f} ms" for key, v in s.items()))
+        if a.kernels:
+            llm.model.encoder_cache.clear()
+            busy = common.gpu_busy(lambda: llm.classify(chats, labels=LABELS, use_tqdm=False))
+            wall = busy["profiled_wall_s"]
+            print(f"{wl} kernels: busy {busy['kernel_busy_s'] * 1e3:.0f} ms of {wall * 1e3:.0f} ms "
+                  f"(idle {1 - busy['kernel_busy_s'] / max(wall, 1e-9):.0%}, profiler on)")
+            for t, count, key in busy["top_kernels_s"]:
+                print(f"  {t * 1e3:8.1f} ms {count:6d}  {key}")
+        if a.trace:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if common.DEV == "cuda" else [])
+            with profile(activities=acts) as prof:
+                _timeline(llm, chats)
+            Path(a.trace).mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(Path(a.trace) / f"{wl}.json"))
+        if a.sync_debug and common.DEV == "cuda":
+            llm.model.encoder_cache.clear()
+            for where, count in _sync_points(lambda: llm.classify(chats, labels=LABELS, use_tqdm=False)):
+                print(f"{wl} sync x{count}:\n{where}")
+        if a.cprofile:
+            prof = cProfile.Profile()
+            llm.model.encoder_cache.clear()
+            prof.enable()
+            llm.classify(chats, labels=LABELS, use_tqdm=False)
+            common.sync()
+            prof.disable()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+            print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()
