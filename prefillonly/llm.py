@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any, Literal
 
@@ -107,6 +108,11 @@ class LLM:
         elif encoder_cache_bytes is not None:
             raise InvalidRequestError("encoder_cache_bytes", "this checkpoint has no vision tower")
         self.use_tqdm = use_tqdm
+        # The loaded model, tokenizer and templates are hundreds of thousands of long-lived objects; moved out of
+        # the cyclic collector's sight, its full collections during a call stay short (they run on the thread
+        # that feeds the GPU).
+        gc.collect()
+        gc.freeze()
 
     def _init_vision(self, cache_bytes: int | None) -> None:
         from .models.vision import EncoderCache
