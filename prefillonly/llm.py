@@ -108,11 +108,6 @@ class LLM:
         elif encoder_cache_bytes is not None:
             raise InvalidRequestError("encoder_cache_bytes", "this checkpoint has no vision tower")
         self.use_tqdm = use_tqdm
-        # The loaded model, tokenizer and templates are hundreds of thousands of long-lived objects; moved out of
-        # the cyclic collector's sight, its full collections during a call stay short (they run on the thread
-        # that feeds the GPU).
-        gc.collect()
-        gc.freeze()
 
     def _init_vision(self, cache_bytes: int | None) -> None:
         from .models.vision import EncoderCache
@@ -325,6 +320,16 @@ class LLM:
             raise InvalidRequestError("model", f"{what}() needs an LM head and this checkpoint has none; use embed()")
 
     def _run(self, task: Task, inputs: Any, field: str, use_tqdm: bool | None, images: Any = None):
+        # Everything that exists before the call (the model, the tokenizer, whatever else the process holds)
+        # is hidden from the cyclic collector for the call's duration: its full collections would otherwise
+        # walk all of it on the thread that feeds the GPU. Afterwards it is collectable again (no leak).
+        gc.freeze()
+        try:
+            return self._run_unfrozen(task, inputs, field, use_tqdm, images)
+        finally:
+            gc.unfreeze()
+
+    def _run_unfrozen(self, task: Task, inputs: Any, field: str, use_tqdm: bool | None, images: Any = None):
         if self.mm is not None:
             try:
                 return self._run_items(task, inputs, field, use_tqdm, images)
