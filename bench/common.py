@@ -107,18 +107,24 @@ def matmul_ceiling() -> dict:
 # -- timing -----------------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], Any], passes: int) -> dict:
-    """One untimed warm pass, then ``passes`` timed ones; peak memory over all of them."""
-    reset_peak()
-    out = fn()
-    sync()
-    times = []
+def timed_passes(fn: Callable[[], Any], passes: int) -> tuple[list[float], Any]:
+    """Wall seconds of ``passes`` calls of ``fn`` (the device drained before and after each), and the last output."""
+    times, out = [], None
     for _ in range(passes):
         sync()
         t = time.perf_counter()
         out = fn()
         sync()
         times.append(time.perf_counter() - t)
+    return times, out
+
+
+def timed(fn: Callable[[], Any], passes: int) -> dict:
+    """One untimed warm pass, then ``passes`` timed ones; peak memory over all of them."""
+    reset_peak()
+    fn()
+    sync()
+    times, out = timed_passes(fn, passes)
     return {"median_s": statistics.median(times), "times_s": times, "peak_bytes": mem_peak(),
             "out": out}
 

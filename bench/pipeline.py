@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from bench.common import CONFIGS, LABELS, TOKENIZER, agree_probs, build_checkpoint, free, load_ours, log, run_meta, sync
+from bench.common import (CONFIGS, LABELS, TOKENIZER, agree_probs, build_checkpoint, free, load_ours, log, run_meta,
+                          sync, timed_passes)
 
 import torch
 
@@ -104,17 +105,6 @@ def write_input(path: Path, texts: list[str]) -> Path:
 # -- in memory --------------------------------------------------------------------------------
 
 
-def _timed_passes(fn: Any, passes: int) -> tuple[list[float], Any]:
-    times, out = [], None
-    for _ in range(passes):
-        sync()
-        t = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return times, out
-
-
 def tokenizer_costs(llm: Any, texts: list[str], lengths: list[int]) -> dict:
     """Host cost of tokenisation: the batched call on all texts, one text at a time on a subset."""
     enc = llm.encoder
@@ -171,8 +161,8 @@ def in_memory(ckpt: Path, texts: list[str], lengths: list[int], input_path: Path
     llm.classify(texts[:1024], labels=LABELS, use_tqdm=False)  # warm: kernels compiled, graphs captured
     sync()
     warm_s = time.perf_counter() - t
-    text_times, results = _timed_passes(run_text, args.passes)
-    ids_times, _ = _timed_passes(run_ids, args.ref_passes)
+    text_times, results = timed_passes(run_text, args.passes)
+    ids_times, _ = timed_passes(run_ids, args.ref_passes)
     job_times: list[float] = []
     for i in range(args.passes):  # the whole job minus process start and model load: warm engine
         spec = job_spec(input_path, Path(args.tmp) / f"pipeline-warm-{i}", ckpt, args)

@@ -20,7 +20,6 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -63,22 +62,19 @@ def _timeline(llm: Any, chats: list) -> dict[str, Any]:
         finally:
             gen.close()
 
-    def timed_execute(*a: Any, **k: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            with _label("step_launch"):
-                return execute(*a, **k)
-        finally:
-            marks["steps"][-1]["launch_s"] = time.perf_counter() - t
+    def step_timer(fn: Any, key: str) -> Any:
+        """``fn`` timed into the current step's ``key`` (and labelled for a trace)."""
 
-    def timed_collect(*a: Any, **k: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            with _label("collect"):
-                return collect(*a, **k)
-        finally:
-            if marks["steps"]:
-                marks["steps"][-1]["collect_s"] = time.perf_counter() - t
+        def timed(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                with _label(key.removesuffix("_s")):
+                    return fn(*a, **k)
+            finally:
+                if marks["steps"]:
+                    marks["steps"][-1][key] = time.perf_counter() - t
+
+        return timed
 
     def timed_encode(*a: Any, **k: Any) -> Any:
         t = time.perf_counter()
@@ -98,7 +94,8 @@ def _timeline(llm: Any, chats: list) -> dict[str, Any]:
             marks["tower_s"] += time.perf_counter() - t
             marks["tower_calls"] += 1
 
-    runner.run, runner._execute, runner._collect = timed_run, timed_execute, timed_collect
+    runner.run, runner._execute = timed_run, step_timer(execute, "launch_s")
+    runner._collect = step_timer(collect, "collect_s")
     model.prepare_steps, model.tower.encode = timed_prepare, timed_encode
     try:
         model.encoder_cache.clear()

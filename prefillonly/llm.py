@@ -12,7 +12,7 @@ from .engine import ModelRunner, Pooling
 from .engine.accel import configure as configure_speed
 from .engine.loader import load_model, read_checkpoint
 from .errors import CheckpointError, InvalidRequestError, PrefillOnlyError
-from .outputs import ClassifyResult, EmbedResult, NextTokenResult, RerankResult, ScoreResult
+from .outputs import RerankResult
 from .prompts import PromptEncoder, TokenCache, as_batch, check_str_list, check_truncation
 from .tasks import ClassifyTask, EmbedTask, NextTokenTask, ScoreTask, Task, tokenize_labels
 from .tasks.embed import pooling_from_checkpoint, prompts_from_checkpoint

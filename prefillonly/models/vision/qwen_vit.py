@@ -127,6 +127,12 @@ def qwen_vision_spec(config: Any, kind: str) -> QwenVisionSpec:
 # layout is computed once and reused (a batch's images mostly share a few grids).
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """A cached layout, read-only: callers concatenate copies of it and must never write to it."""
+    a.setflags(write=False)
+    return a
+
+
 @lru_cache(maxsize=1024)
 def _grid_block_positions(t: int, h: int, w: int, merge: int) -> np.ndarray:
     hpos = np.broadcast_to(np.arange(h)[:, None], (h, w))
@@ -134,7 +140,7 @@ def _grid_block_positions(t: int, h: int, w: int, merge: int) -> np.ndarray:
     shape = (h // merge, merge, w // merge, merge)
     hpos = hpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
     wpos = wpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
-    return np.tile(np.stack([hpos, wpos], axis=-1), (t, 1))
+    return _frozen(np.tile(np.stack([hpos, wpos], axis=-1), (t, 1)))
 
 
 def block_positions(grids: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
@@ -176,7 +182,7 @@ def _grid_taps(t: int, h: int, w: int, side: int, merge: int) -> tuple[np.ndarra
         w_axes.append(weights)
     indices = (idx_axes[0][:, :, None] * side + idx_axes[1][:, None, :]).reshape(-1, 4)
     weights = (w_axes[0][:, :, None] * w_axes[1][:, None, :]).reshape(-1, 4)
-    return indices, weights.astype(np.float32)
+    return _frozen(indices), _frozen(weights.astype(np.float32))
 
 
 def interpolation_taps(grids: list[tuple[int, int, int]], side: int, merge: int):
