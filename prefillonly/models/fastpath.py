@@ -31,7 +31,7 @@ from array import array
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import flash, kernels
 from .attention import _VARLEN, _VARLEN_GQA, packed_attention, to_device
 from .layers import Rotary
 
@@ -41,11 +41,12 @@ _cache: dict = {"meta": None, "tables": {}}
 # query chunks (bounded memory); "sdpa" runs torch SDPA over the whole sequence, whose
 # backends (cuDNN, flash) are faster for one long causal sequence on Hopper.
 LONG_ATTENTION = "sdpa"
-# Attention of a multi-sequence step of at least MULTI_MIN_TOKENS tokens: "varlen" (the flash
-# varlen kernel) or "padded" (q/k/v scattered into a zeroed right-padded batch, one causal SDPA
-# call, rows gathered back). Measured on an H100 (bench/NOTES.md) "padded" is slower; it stays
-# as an option for other GPUs. Small steps (CUDA graphs) always use "varlen".
-MULTI_ATTENTION = "varlen"
+# Attention of a multi-sequence step of at least MULTI_MIN_TOKENS tokens: "flash" (our Triton
+# kernel for many short sequences, models.flash), "varlen" (torch's flash varlen kernel) or
+# "padded" (q/k/v scattered into a zeroed right-padded batch, one causal SDPA call, rows gathered
+# back). Measured on an H100/H200 (bench/NOTES.md #7, #16). Small steps (CUDA graphs) always use
+# "varlen".
+MULTI_ATTENTION = "flash"
 MULTI_MIN_TOKENS = 1024
 
 
@@ -128,24 +129,21 @@ def _padded_layout(meta, device):
     return tables["pad"]
 
 
-def _multi_attention(layer, x, cos, sin, meta, mode):
-    """q/k/v and attention of a multi-sequence step in one of the non-default modes -> (N, Hq*D)."""
+def _padded_attention(layer, x, cos, sin, meta):
+    """q/k/v and attention of a multi-sequence step through a right-padded batch and SDPA -> (N, Hq*D)."""
     attn = layer.self_attn
     s = attn.spec
     n = x.shape[0]
-    gqa = s.num_heads != s.num_kv_heads
-    if mode == "padded":
-        b, lmax, rows, bidx, pidx = _padded_layout(meta, x.device)
-        qp = torch.zeros((b * lmax, s.num_heads, s.head_dim), dtype=x.dtype, device=x.device)
-        kp = torch.zeros((b * lmax, s.num_kv_heads, s.head_dim), dtype=x.dtype, device=x.device)
-        vp = torch.zeros_like(kp)
-        _qkv(layer, x, cos, sin, out=(qp, kp, vp), row_map=rows)
-        shape = lambda t: t.view(b, lmax, t.shape[1], s.head_dim).transpose(1, 2)  # noqa: E731
-        o4 = F.scaled_dot_product_attention(shape(qp), shape(kp), shape(vp), is_causal=True, scale=s.attn_scale,
-                                            enable_gqa=gqa)
-        del qp, kp, vp
-        return o4[bidx, :, pidx].reshape(n, -1)
-    raise ValueError(f"MULTI_ATTENTION must be 'varlen' or 'padded'; got {mode!r}")
+    b, lmax, rows, bidx, pidx = _padded_layout(meta, x.device)
+    qp = torch.zeros((b * lmax, s.num_heads, s.head_dim), dtype=x.dtype, device=x.device)
+    kp = torch.zeros((b * lmax, s.num_kv_heads, s.head_dim), dtype=x.dtype, device=x.device)
+    vp = torch.zeros_like(kp)
+    _qkv(layer, x, cos, sin, out=(qp, kp, vp), row_map=rows)
+    shape = lambda t: t.view(b, lmax, t.shape[1], s.head_dim).transpose(1, 2)  # noqa: E731
+    o4 = F.scaled_dot_product_attention(shape(qp), shape(kp), shape(vp), is_causal=True, scale=s.attn_scale,
+                                        enable_gqa=s.num_heads != s.num_kv_heads)
+    del qp, kp, vp
+    return o4[bidx, :, pidx].reshape(n, -1)
 
 
 def _norm(x: torch.Tensor, mod) -> torch.Tensor:
@@ -202,15 +200,23 @@ def fused_layer_forward(layer, x: torch.Tensor, positions: torch.Tensor, meta) -
     # Multi-sequence steps are bounded by the step budget and run whole; only a single
     # sequence longer than the chunk (one that runs alone) is prefilled in hybrid chunks.
     if chunk is None or n <= chunk or len(meta.lengths) > 1:
-        if (MULTI_ATTENTION != "varlen" and len(meta.lengths) > 1 and n >= MULTI_MIN_TOKENS and x.is_cuda
-                and s.attn_softcap is None and attn.window is None):
-            o = _multi_attention(layer, x, cos, sin, meta, MULTI_ATTENTION)
+        mode = "varlen"
+        if (len(meta.lengths) > 1 and n >= MULTI_MIN_TOKENS and x.is_cuda and s.attn_softcap is None
+                and attn.window is None):
+            mode = MULTI_ATTENTION
+        if mode == "padded":
+            o = _padded_attention(layer, x, cos, sin, meta)
             _add_linear_(x, o, attn.o_proj, post_attn)
             del o
             _mlp_(layer, x)
             return x
         q, k, v = _qkv(layer, x, cos, sin)
-        o = packed_attention(q, k, v, meta, s.attn_scale, attn.window, s.attn_softcap)
+        if mode == "flash":
+            o = flash.flash_varlen(q, k, v, meta, s.attn_scale)
+        elif mode == "varlen":
+            o = packed_attention(q, k, v, meta, s.attn_scale, attn.window, s.attn_softcap)
+        else:
+            raise ValueError(f"MULTI_ATTENTION must be 'flash', 'varlen' or 'padded'; got {mode!r}")
         del q, k, v
         _add_linear_(x, o.view(n, -1), attn.o_proj, post_attn)
         del o

@@ -1,0 +1,144 @@
+"""Packed causal attention for many short sequences: a Triton flash kernel.
+
+torch's flash varlen kernel (FA2) works in 128-query tiles and reaches only
+50-100 TFLOP/s on an H100 when a step packs many sequences of a few hundred
+tokens (bench/NOTES.md #7): most tiles are partly empty and the tail tile of
+each sequence does a full tile's work. This kernel uses smaller query tiles,
+schedules the tiles with the most keys first, and skips the causal mask on
+every key tile below the diagonal. It handles GQA by mapping each query head to
+its key/value head; the group's heads re-read the same keys from L2.
+
+One program computes one (query tile, query head): an online softmax over the
+key tiles of its own sequence, in float32, written once in the input dtype.
+The tile table (which sequence, which first query) is built on the host from
+the step's lengths and cached on the step's ``AttentionMeta``.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+import torch
+
+from .attention import AttentionMeta, to_device
+from .kernels import HAVE_TRITON, triton, tl
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen by bench/checks.py's `flash_micro` on an H200.
+CONFIG = (64, 64, 4, 3)
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _flash_varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, tile_seq_ptr, tile_start_ptr, qk_scale,
+                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        tile = tl.program_id(0)
+        head = tl.program_id(1)
+        seq = tl.load(tile_seq_ptr + tile)
+        m0 = tl.load(tile_start_ptr + tile)
+        start = tl.load(cu_ptr + seq).to(tl.int64)
+        length = tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)
+        kv_head = head // GROUP
+
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        d_ok = offs_d < HEAD_DIM
+        m_ok = offs_m < length
+        q = tl.load(q_ptr + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = k_ptr + start * stride_kt + kv_head * stride_kh
+        v_base = v_ptr + start * stride_vt + kv_head * stride_vh
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+        # key tiles wholly below the diagonal (and inside the sequence) need no mask
+        if CAUSAL:
+            full_end = (m0 // BLOCK_N) * BLOCK_N
+            hi = tl.minimum(length, m0 + BLOCK_M)
+        else:
+            full_end = (length // BLOCK_N) * BLOCK_N
+            hi = length
+        for n0 in range(0, full_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            s = tl.dot(q, k) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        for n0 in range(full_end, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < length
+            k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            s = tl.dot(q, k) * qk_scale
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        tl.store(o_ptr + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                 acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def tile_table(lengths: list[int], block_m: int, causal: bool = True) -> tuple[array, array]:
+    """(sequence index, first query) of every query tile, the tiles with the most keys first.
+
+    A causal tile starting at query m reads m + block_m keys, so late tiles of
+    long sequences go first and the short tail tiles fill the gaps at the end.
+    """
+    tiles = [(m, i) for i, n in enumerate(lengths) for m in range(0, n, block_m)]
+    weight = (lambda t: t[0]) if causal else (lambda t: lengths[t[1]])
+    tiles.sort(key=weight, reverse=True)
+    return array("i", [i for _, i in tiles]), array("i", [m for m, _ in tiles])
+
+
+def _tiles_on_device(meta: AttentionMeta, block_m: int, causal: bool, device: torch.device) -> torch.Tensor:
+    cache = meta.__dict__.setdefault("_flash_tiles", {})
+    key = (block_m, causal)
+    if key not in cache:
+        seqs, starts = tile_table(meta.lengths, block_m, causal)
+        host = torch.stack([torch.frombuffer(seqs, dtype=torch.int32), torch.frombuffer(starts, dtype=torch.int32)])
+        cache[key] = to_device(host, device)
+    return cache[key]
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta, scale: float,
+                 causal: bool = True, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Attention within each packed sequence. q: (N, Hq, D), k/v: (N, Hkv, D) -> (N, Hq, D).
+
+    CUDA, float16/bfloat16, no window and no soft-capping (``packed_attention``
+    covers those). ``config`` overrides ``CONFIG`` (benchmarks sweep it).
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("flash_varlen needs triton")
+    n, hq, d = q.shape
+    hk = k.shape[1]
+    if hq % hk:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk})")
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("q, k and v need a contiguous last (head) dimension")
+    block_m, block_n, warps, stages = config or CONFIG
+    tiles = _tiles_on_device(meta, block_m, causal, q.device)
+    out = torch.empty_like(q)
+    grid = (tiles.shape[1], hq)
+    d_pad = max(16, 1 << (d - 1).bit_length())
+    _flash_varlen_kernel[grid](
+        q, k, v, out, meta.cu_seqlens, tiles[0], tiles[1], scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        GROUP=hq // hk, HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        num_warps=warps, num_stages=stages)
+    return out
