@@ -130,31 +130,45 @@ def timed(fn: Callable[[], Any], passes: int) -> dict:
 
 
 def gpu_busy(fn: Callable[[], Any]) -> dict:
-    """Kernel time (union of device intervals) of one pass, from the profiler."""
-    from torch.profiler import ProfilerActivity, profile
+    """Kernel time (union of device intervals) of one pass, from the profiler, and where the GPU idles:
+    before its first kernel (``head_s``), after its last (``tail_s``) and between (``gaps_s``, the
+    largest with their offset from the call's start). The profiler slows the host, so idle is inflated."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     sync()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
-        fn()
-        sync()
+        with record_function("bench_call"):
+            fn()
+            sync()
         wall = time.perf_counter() - t
-    spans = []
+    spans, call = [], None
     for e in prof.events():
         if str(getattr(e, "device_type", "")).endswith("CUDA"):
             tr = e.time_range
             spans.append((tr.start, tr.end))
+        elif e.name == "bench_call":
+            call = (e.time_range.start, e.time_range.end)
     spans.sort()
     busy, cur_s, cur_e = 0.0, None, None
+    gaps = []
     for s, e in spans:
         if cur_e is None or s > cur_e:
             if cur_e is not None:
                 busy += cur_e - cur_s
+                gaps.append((s - cur_e, cur_e))
             cur_s, cur_e = s, e
         else:
             cur_e = max(cur_e, e)
     if cur_e is not None:
         busy += cur_e - cur_s
+    idle = {}
+    if call is not None and spans:
+        c0 = call[0]
+        gaps.sort(reverse=True)
+        idle = {"head_s": (spans[0][0] - c0) / 1e6, "tail_s": max(0.0, call[1] - cur_e) / 1e6,
+                "gaps_s": sum(g for g, _ in gaps) / 1e6,
+                "largest_gaps_ms_at_ms": [(round(g / 1e3, 3), round((at - c0) / 1e3, 1)) for g, at in gaps[:12]]}
     top = []
     try:
         for evt in prof.key_averages():
@@ -164,7 +178,8 @@ def gpu_busy(fn: Callable[[], Any]) -> dict:
         top.sort(reverse=True)
     except Exception as e:  # the breakdown is a nicety
         top = [(0.0, 0, f"breakdown failed: {e}")]
-    return {"kernel_busy_s": busy / 1e6, "profiled_wall_s": wall, "events": len(spans), "top_kernels_s": top[:16]}
+    return {"kernel_busy_s": busy / 1e6, "profiled_wall_s": wall, "events": len(spans), **idle,
+            "top_kernels_s": top[:16]}
 
 
 # -- checkpoints and engines ------------------------------------------------------------------

@@ -11,7 +11,9 @@ with 10 questions each (our encoder cache encodes each image once per pass; it i
 pass). transformers runs its strongest fair way: bf16, sdpa, no KV cache, last-position logits, requests
 sorted by image size into left-padded batches of a size tuned on a subset, its image processor
 (torchvision when installed) in threads ahead of the GPU as a DataLoader would. Figures: median of
-``--passes`` timed passes after one untimed warm pass. The engine checks are what the former CUDA-only
+``--passes`` timed passes after one untimed warm pass. After a model's timed runs, the first ``--ref-requests``
+of each workload go through transformers float32 too, to show whether ours is within bf16 noise of it
+(bench/vlm_reference.py). The engine checks are what the former CUDA-only
 tests checked: ours against transformers float32 on medium random Qwen2-VL, Qwen2.5-VL, Qwen3-VL
 (several images, text only), float32 and bf16, cache hits.
 """
@@ -324,14 +326,38 @@ class VLBench:
         self.checks[f"{name}_processor_equivalence"] = equal
         gpu_ok = hf.backend == "torchvision" and common.DEV == "cuda"  # only torchvision processes on the GPU
         devices = [d for d in a.hf_image_devices.split(",") if d == "cpu" or gpu_ok]
+        subsets: dict[str, dict] = {}  # the bf16 outputs of the first --ref-requests requests, per workload
         for wname in wnames:
             if self.late(f"{name}/{wname}"):
                 break
             w = self.workload(wname)
             log(f"{name} {wname}: {w.what}, {len(w.chats)} requests")
             ref = self.guard(f"{name}/{wname}/transformers", lambda: self.time_hf(name, w, hf, w_hf, devices))
-            self.guard(f"{name}/{wname}/prefillonly", lambda: self.time_ours(name, w, llm, w_ours, ref))
-        del hf, llm
+            ours = self.guard(f"{name}/{wname}/prefillonly", lambda: self.time_ours(name, w, llm, w_ours, ref))
+            if ours is not None and a.ref_requests > 0:
+                n, h = a.ref_requests, ref or {}
+                subsets[wname] = {"chats": w.chats[:n], "prefillonly": ours[:n], "transformers": h.get("p"),
+                                  "transformers_pil": h.get("pil"), "image_device": h.get("image_device", "cpu")}
+        backend = hf.backend
+        hf = llm = None  # the bf16 engines go before the float32 model comes (not del: lambdas above use them)
+        free()
+        if subsets and not self.late(f"{name}/fp32_reference"):
+            self.guard(f"{name}/fp32_reference", lambda: self.fp32_reference(name, path, backend, subsets))
+
+    def fp32_reference(self, name: str, path: Path, backend: str, subsets: dict[str, dict]) -> None:
+        """Both engines' bf16 outputs against transformers float32, into the prefillonly rows."""
+        from bench.vlm_reference import bf16_noise, fp32_reference
+
+        log(f"{name}: transformers float32 reference on the first {self.a.ref_requests} requests of each workload")
+        refs = fp32_reference(path, subsets, backend, self.a.hf_workers)
+        for wname, s in subsets.items():
+            res = bf16_noise(s, refs[wname], backend)
+            row = next(r for r in self.rows if (r["model"], r["workload"], r["engine"]) == (name, wname, "prefillonly"))
+            row["vs_fp32_reference"] = res
+            log(f"  {wname} vs float32: prefillonly {res['prefillonly']}; transformers {res.get('transformers')}; "
+                f"ours within bf16 noise: {res['ours_within_bf16_noise']}")
+            if self.a.smoke:  # float32 against float32
+                assert res["prefillonly"]["max_abs_dp"] < 1e-4 and res["ours_within_bf16_noise"], res
 
     def row(self, name: str, w: Workload, engine: str, r: dict, start: int, weights: int) -> dict:
         t, act = r["median_s"], max(r["peak_bytes"] - start, 0)  # activations: above what stood before the run
@@ -353,13 +379,14 @@ class VLBench:
         row.update(batch_size=hf.batch_size, image_device=hf.image_device, image_backend=hf.backend, tuning=sweep,
                    tokens=hf.tokens, padded_tokens=hf.padded)
         self.rows.append(row)
-        ref = {"p": r["out"], "median_s": r["median_s"]}
+        ref = {"p": r["out"], "median_s": r["median_s"], "image_device": hf.image_device}
         if hf.backend != "pil":  # our pixels (PIL resize), to tell engine error from resize differences
             pil = HFEngine(hf.model, self.tmp / name, LABELS, "pil", hf.batch_size, workers=a.hf_workers)
             ref["pil"] = pil.run(w.chats[: a.same_pixel_requests])[:, 0]
         return ref
 
-    def time_ours(self, name: str, w: Workload, llm: Any, weights: int, ref: dict | None) -> None:
+    def time_ours(self, name: str, w: Workload, llm: Any, weights: int, ref: dict | None) -> np.ndarray:
+        """Times ours and records its row; returns its p(yes) of the last pass, for the float32 reference."""
         a = self.a
         stats0 = dict(vars(llm.model.encoder_stats))
         start = mem_base()
@@ -385,6 +412,7 @@ class VLBench:
             log(f"  GPU idle {row['gpu_idle'] * 100:.1f}% (kernels {busy['kernel_busy_s']:.3f} s in a pass)")
         llm.model.encoder_cache.clear()
         self.rows.append(row)
+        return r["out"]
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -423,6 +451,9 @@ def markdown(data: dict) -> str:
                      f"{r['images_per_s']:,.1f} | {ratio} | {r['peak_gib']:.2f} ({r['weights_gib']:.2f} + "
                      f"{r['activations_gib']:.2f}) | {idle} | {_agree(r.get('vs_transformers'))} | "
                      f"{_agree(r.get('vs_transformers_same_pixels'))} |")
+    from bench.vlm_reference import noise_table
+
+    lines += noise_table(data["rows"], m["dtype"])
     for arch, res in data["checks"].get("engines", {}).items():
         detail = (f"float32 {res['float32']['max_abs_dp_vs_fp32']:.1e}, bf16 {res['bfloat16']['max_abs_dp_vs_fp32']:.1e} "
                   f"(plain modules {res['bfloat16_plain']['max_abs_dp_vs_fp32']:.1e}, fused vs plain "
@@ -455,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     add("--hf-tune-requests", type=int, default=96, help="requests in the tuning subset")
     add("--hf-workers", type=int, default=min(8, os.cpu_count() or 1), help="transformers preprocessing threads")
     add("--same-pixel-requests", type=int, default=64, help="requests transformers re-runs with our (PIL) pixels")
+    add("--ref-requests", type=int, default=32, help="first requests of each workload also run in transformers float32 "
+        "after a model's timed runs, to set both engines' bf16 against (0: none)")
     add("--no-checks", dest="checks", action="store_false", help="skip the engine checks")
     add("--no-profile", dest="profile", action="store_false", help="skip the GPU-idle profile")
     add("--deadline-s", type=float, default=540, help="start no model or workload after this many seconds")

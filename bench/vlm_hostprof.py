@@ -1,7 +1,7 @@
 """Where the host's time goes in one VLM pass: a timeline of the main thread plus its cProfile.
 
     python -m bench.vlm_hostprof [--model Qwen3-VL-2B-Instruct] [--workloads V1,V2] [--n-images 192]
-                                 [--variants base,noview,switch1ms,workers8] [--kernels] [--cprofile]
+                                 [--variants base,noview,noflash,switch1ms,workers8] [--kernels] [--cprofile]
     python -m bench.vlm_hostprof --smoke      # CPU, shrunk config: tests this script
 
 Random bf16 weights in the real config (as bench.vlm), one warm pass, then one pass timed phase by phase:
@@ -130,6 +130,14 @@ def _variant(name: str, llm: Any) -> Any:
         saved_fraction = runner.FIRST_STEP_FRACTION
         runner.FIRST_STEP_FRACTION = int(name[len("firststep"):])
         return lambda: setattr(runner, "FIRST_STEP_FRACTION", saved_fraction)
+    if name in ("noflash", "notowerflash"):  # torch's flash varlen instead of models.flash
+        from prefillonly.models import fastpath, flash
+
+        saved_multi, saved_tower = fastpath.MULTI_ATTENTION, flash.TOWER
+        flash.TOWER = False
+        if name == "noflash":
+            fastpath.MULTI_ATTENTION = "varlen"
+        return lambda: (setattr(fastpath, "MULTI_ATTENTION", saved_multi), setattr(flash, "TOWER", saved_tower))
     if name.startswith("workers"):
         saved = preprocess_pool._executor
         preprocess_pool._executor = ThreadPoolExecutor(int(name[len("workers"):]), thread_name_prefix="vl-image")

@@ -5,11 +5,13 @@ torch's flash varlen kernel (FA2) works in 128-query tiles and reaches only
 tokens (bench/NOTES.md #7): most tiles are partly empty and the tail tile of
 each sequence does a full tile's work. This kernel uses smaller query tiles,
 schedules the tiles with the most keys first, and skips the causal mask on
-every key tile below the diagonal. It handles GQA by mapping each query head to
-its key/value head; the group's heads re-read the same keys from L2.
+every key tile below the diagonal. With GQA it can stack a key/value group's
+query heads into one tile so the group reads its keys and values once.
 
-One program computes one (query tile, query head): an online softmax over the
-key tiles of its own sequence, in float32, written once in the input dtype.
+One program computes one query tile (a run of positions of one sequence, for
+one query head or for all the heads of one key/value group): an online softmax
+over the key tiles of its own sequence, in float32, written once in the input
+dtype.
 The tile table (which sequence, which first query) is built on the host from
 the step's lengths and cached on the step's ``AttentionMeta``.
 """
@@ -23,40 +25,49 @@ import torch
 from .attention import AttentionMeta, to_device
 from .kernels import HAVE_TRITON, triton, tl
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen by bench/checks.py's `flash_micro` on an H200.
-CONFIG = (64, 64, 4, 3)
+# (positions per tile, BLOCK_N, num_warps, num_stages, pack): chosen by bench/checks.py's `flash_micro`
+# on an H200. ``pack`` stacks the query heads that share a key/value head into one tile (rows = heads x
+# positions), so the group reads its keys and values once; it applies when the group size is a power of two.
+CONFIG = (64, 64, 4, 3, 1)
+# The Qwen vision towers' bidirectional attention (images of hundreds to thousands of patches, or
+# Qwen2.5-VL's 64-patch windows) through this kernel when their fused kernels are on, and its config.
+TOWER = True
+TOWER_CONFIG = (64, 64, 4, 3, 1)
 
 if HAVE_TRITON:
 
     @triton.jit
     def _flash_varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, tile_seq_ptr, tile_start_ptr, qk_scale,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+                             GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                             BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        # a tile is PACK query heads (of one key/value head's group) x BLOCK_P positions, stacked as rows
         tile = tl.program_id(0)
-        head = tl.program_id(1)
         seq = tl.load(tile_seq_ptr + tile)
         m0 = tl.load(tile_start_ptr + tile)
         start = tl.load(cu_ptr + seq).to(tl.int64)
         length = tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)
-        kv_head = head // GROUP
+        first_head = tl.program_id(1) * PACK
+        kv_head = first_head // GROUP
 
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        rows = tl.arange(0, PACK * BLOCK_P)
+        offs_m = m0 + rows % BLOCK_P
+        heads = first_head + rows // BLOCK_P
         offs_d = tl.arange(0, D_PAD)
         d_ok = offs_d < HEAD_DIM
         m_ok = offs_m < length
-        q = tl.load(q_ptr + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        q_rows = (start + offs_m) * stride_qt + heads * stride_qh
+        q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         k_base = k_ptr + start * stride_kt + kv_head * stride_kh
         v_base = v_ptr + start * stride_vt + kv_head * stride_vh
 
-        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+        m_i = tl.full((PACK * BLOCK_P,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((PACK * BLOCK_P,), dtype=tl.float32)
+        acc = tl.zeros((PACK * BLOCK_P, D_PAD), dtype=tl.float32)
         # key tiles wholly below the diagonal (and inside the sequence) need no mask
         if CAUSAL:
             full_end = (m0 // BLOCK_N) * BLOCK_N
-            hi = tl.minimum(length, m0 + BLOCK_M)
+            hi = tl.minimum(length, m0 + BLOCK_P)
         else:
             full_end = (length // BLOCK_N) * BLOCK_N
             hi = length
@@ -90,8 +101,9 @@ if HAVE_TRITON:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         acc = acc / l_i[:, None]
-        tl.store(o_ptr + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-                 acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        o_rows = (start + offs_m) * stride_ot + heads * stride_oh
+        tl.store(o_ptr + o_rows[:, None] + offs_d[None, :], acc.to(o_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
 
 
 def tile_table(lengths: list[int], block_m: int, causal: bool = True) -> tuple[array, array]:
@@ -117,7 +129,7 @@ def _tiles_on_device(meta: AttentionMeta, block_m: int, causal: bool, device: to
 
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta, scale: float,
-                 causal: bool = True, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                 causal: bool = True, config: tuple[int, ...] | None = None) -> torch.Tensor:
     """Attention within each packed sequence. q: (N, Hq, D), k/v: (N, Hkv, D) -> (N, Hq, D).
 
     CUDA, float16/bfloat16, no window and no soft-capping (``packed_attention``
@@ -131,14 +143,16 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attent
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk})")
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("q, k and v need a contiguous last (head) dimension")
-    block_m, block_n, warps, stages = config or CONFIG
-    tiles = _tiles_on_device(meta, block_m, causal, q.device)
+    block_p, block_n, warps, stages, pack = (tuple(config or CONFIG) + (1,))[:5]
+    group = hq // hk
+    pack = group if pack > 1 and group & (group - 1) == 0 else 1
+    tiles = _tiles_on_device(meta, block_p, causal, q.device)
     out = torch.empty_like(q)
-    grid = (tiles.shape[1], hq)
+    grid = (tiles.shape[1], hq // pack)
     d_pad = max(16, 1 << (d - 1).bit_length())
     _flash_varlen_kernel[grid](
         q, k, v, out, meta.cu_seqlens, tiles[0], tiles[1], scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        GROUP=hq // hk, HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        GROUP=group, PACK=pack, HEAD_DIM=d, D_PAD=d_pad, BLOCK_P=block_p, BLOCK_N=block_n, CAUSAL=causal,
         num_warps=warps, num_stages=stages)
     return out

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import CheckpointError
+from .. import flash, kernels
 from ..attention import AttentionMeta, packed_attention, to_device
-from .. import kernels
 from ..layers import GatedMLP, RMSNorm, activation, apply_rotary
 
 QWEN_VISION_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -264,7 +264,10 @@ class VisionAttention(nn.Module):
             q, k, v = qkv.view(n, 3, self.heads, self.head_dim).unbind(1)
             q = apply_rotary(q.float(), cos, sin).to(v.dtype)
             k = apply_rotary(k.float(), cos, sin).to(v.dtype)
-        out = packed_attention(q, k, v, meta, self.scale, causal=False)
+        if fused and flash.TOWER:
+            out = flash.flash_varlen(q, k, v, meta, self.scale, causal=False, config=flash.TOWER_CONFIG)
+        else:
+            out = packed_attention(q, k, v, meta, self.scale, causal=False)
         return self.proj(out.reshape(n, -1))
 
 
