@@ -54,6 +54,7 @@ CASES = [
     ([5, 70, 33, 1, 64], 4, 2, 32, True, [16, 16, 4, 1]),  # GQA, tiles below/at/over the diagonal
     ([5, 70, 33, 1, 64], 4, 2, 32, True, [32, 16, 4, 1]),  # query tile wider than key tile
     ([5, 70, 33, 1, 64], 8, 2, 32, True, [16, 16, 4, 1, 4]),  # a GQA group of 4 heads stacked in one tile
+    ([5, 70, 33, 1, 64], 8, 2, 32, True, [64, 16, 4, 1, 4]),  # capped at 128 rows: 2 heads per tile
     ([40, 17, 3], 6, 2, 32, True, [16, 32, 4, 1, 3]),  # group of 3: not a power of two, one head per tile
     ([5, 70, 33, 1, 64], 4, 4, 32, False, [16, 32, 4, 1]),  # vision towers: bidirectional
     ([40, 17], 6, 2, 80, True, [32, 32, 4, 1]),  # head dim 80 (Qwen2.5-VL) padded to 128

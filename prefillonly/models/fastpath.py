@@ -6,8 +6,12 @@ changes for CPU or float32 models: they keep the plain modules.
 
 One layer on the fast path is nine launches:
 
-    rmsnorm -> qkv GEMM -> qk_norm_rope -> varlen attention -> o_proj GEMM (+ residual, cuBLAS beta=1)
+    rmsnorm -> qkv GEMM -> qk_norm_rope -> attention -> o_proj GEMM (+ residual, cuBLAS beta=1)
     rmsnorm -> gate_up GEMM -> act_mul -> down GEMM (+ residual)
+
+Attention of a step of several sequences and at least ``MULTI_MIN_TOKENS`` tokens is our Triton
+kernel (``models.flash``, ``MULTI_ATTENTION``); smaller steps (CUDA graphs), single prompts and
+sliding-window or soft-capped layers use torch's varlen kernel (or SDPA, below).
 
 The residual stream is updated in place: the layer consumes its input tensor
 (the decoder never reads a layer's input again).

@@ -26,13 +26,17 @@ from .attention import AttentionMeta, to_device
 from .kernels import HAVE_TRITON, triton, tl
 
 # (positions per tile, BLOCK_N, num_warps, num_stages, pack): chosen by bench/checks.py's `flash_micro`
-# on an H200. ``pack`` stacks the query heads that share a key/value head into one tile (rows = heads x
-# positions), so the group reads its keys and values once; it applies when the group size is a power of two.
-CONFIG = (64, 64, 4, 3, 1)
+# on an H200 (bench/NOTES.md #16). ``pack`` stacks up to that many query heads that share a key/value
+# head into one tile (rows = heads x positions), so they read their keys and values once. CONFIG serves
+# steps of short sequences (mean under LONG_MEAN tokens: W2's 16-512 tokens, 1.88x torch's kernel),
+# LONG_CONFIG longer ones (W1's 128-1024 about the same either way; VLM prompts of ~1k tokens 8% faster).
+CONFIG = (64, 32, 4, 3, 2)
+LONG_CONFIG = (64, 64, 4, 3, 1)
+LONG_MEAN = 768
 # The Qwen vision towers' bidirectional attention (images of hundreds to thousands of patches, or
 # Qwen2.5-VL's 64-patch windows) through this kernel when their fused kernels are on, and its config.
 TOWER = True
-TOWER_CONFIG = (64, 64, 4, 3, 1)
+TOWER_CONFIG = (64, 64, 4, 3, 1)  # best or within 15% of the best on every tower layout measured
 
 if HAVE_TRITON:
 
@@ -133,7 +137,8 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attent
     """Attention within each packed sequence. q: (N, Hq, D), k/v: (N, Hkv, D) -> (N, Hq, D).
 
     CUDA, float16/bfloat16, no window and no soft-capping (``packed_attention``
-    covers those). ``config`` overrides ``CONFIG`` (benchmarks sweep it).
+    covers those). ``config`` overrides the choice between ``CONFIG`` and
+    ``LONG_CONFIG`` (benchmarks sweep it).
     """
     if not HAVE_TRITON:
         raise RuntimeError("flash_varlen needs triton")
@@ -143,9 +148,13 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attent
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk})")
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("q, k and v need a contiguous last (head) dimension")
-    block_p, block_n, warps, stages, pack = (tuple(config or CONFIG) + (1,))[:5]
+    if config is None:
+        config = CONFIG if n < LONG_MEAN * len(meta.lengths) else LONG_CONFIG
+    block_p, block_n, warps, stages, pack = (tuple(config) + (1,))[:5]
     group = hq // hk
-    pack = group if pack > 1 and group & (group - 1) == 0 else 1
+    pack = min(pack, group, max(1, 128 // block_p))  # at most 128 rows: the accumulator lives in registers
+    while pack > 1 and (group % pack or pack & (pack - 1)):  # a power of two that divides the group
+        pack -= 1
     tiles = _tiles_on_device(meta, block_p, causal, q.device)
     out = torch.empty_like(q)
     grid = (tiles.shape[1], hq // pack)
