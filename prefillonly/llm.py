@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import gc
 import os
-from typing import Any, Literal
+import time
+from typing import Any, Iterator, Literal
 
 import torch
+from tqdm.auto import tqdm
 
-from .engine import ModelRunner, Pooling
+from .engine import ModelRunner, Pooling, Sequence
 from .engine.accel import configure as configure_speed
 from .engine.loader import load_model, read_checkpoint
 from .errors import CheckpointError, InvalidRequestError, PrefillOnlyError
@@ -357,6 +359,7 @@ class LLM:
 
     def _run_items(self, task: Task, inputs: Any, field: str, use_tqdm: bool | None, images: Any):
         mm = self.mm
+        per_images = None
         if mm is None:
             items, single = as_batch(inputs, field)
         else:
@@ -364,39 +367,74 @@ class LLM:
 
             items, single = as_mm_batch(inputs, field)
             per_images = align_images(images, len(items), single)
-        per_item: list[list] = []
-        errors: dict[int, PrefillOnlyError] = {}
-        for i, item in enumerate(items):
+        show = self.use_tqdm if use_tqdm is None else use_tqdm
+        bar = tqdm(total=len(items), desc=task.name, unit="req", disable=not show or len(items) < 2, leave=False)
+        start, tokens0 = time.perf_counter(), self.runner.tokens_processed
+        failures: dict[int, Exception] = {}
+        outputs: list[list] = [[] for _ in items]
+        first_seq: list[int] = []  # each item's first sequence, in the order sequences reach the runner
+        owner: list[int] = []  # each sequence's item
+        left = [0] * len(items)
+        results: list[Any] = [None] * len(items)
+
+        def sequences(i: int) -> list[Sequence]:
             name = field if single else f"{field}[{i}]"
             try:
                 if mm is None:
-                    seqs = task.sequences(item, name, self.encoder)
-                else:
-                    mm.begin(per_images[i] if per_images is not None else None)
-                    seqs = mm.finish(task.sequences(item, name, mm), name)
-                per_item.append(seqs)
+                    return task.sequences(items[i], name, self.encoder)
+                mm.begin(per_images[i] if per_images is not None else None)
+                return mm.finish(task.sequences(items[i], name, mm), name)
             except Exception as e:  # whatever the tokenizer or chat template raised fails this item only
                 err = e if isinstance(e, PrefillOnlyError) else _unusable(name, e)
                 if single and err is e:
                     raise
                 if single:
                     raise err from e
-                errors[i] = err
-                per_item.append([])
-        flat = [s for seqs in per_item for s in seqs]
-        show = self.use_tqdm if use_tqdm is None else use_tqdm
-        outputs = self.runner.run(flat, task.head, use_tqdm=show, desc=task.name)
-        results, k = [], 0
-        for i, (item, seqs) in enumerate(zip(items, per_item)):
-            outs = outputs[k : k + len(seqs)]
-            k += len(seqs)
-            failure = errors.get(i) or next((o for o in outs if isinstance(o, Exception)), None)
+                failures[i] = err
+                return []
+
+        def finish(i: int) -> None:
+            failure = failures.get(i) or next((o for o in outputs[i] if isinstance(o, Exception)), None)
             if failure is not None:
                 if single:
                     raise failure
-                results.append(task.failed(item, str(failure)))
+                results[i] = task.failed(items[i], str(failure))
             else:
-                results.append(task.result(item, outs))
+                results[i] = task.result(items[i], outputs[i])
+            if show:
+                bar.update(1)
+                rate = (self.runner.tokens_processed - tokens0) / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(tok_s=f"{rate:,.0f}", refresh=False)
+
+        def windows() -> Iterator[list[Sequence]]:
+            # Text: the GPU starts once a step's worth of items is checked, and later windows are checked
+            # while it runs. Image models take one window: their steps are planned whole for the image workers.
+            budget = self.runner.max_num_batched_tokens
+            limit = budget if mm is None else None
+            window: list[Sequence] = []
+            tokens = 0
+            for i in range(len(items)):
+                seqs = sequences(i)
+                first_seq.append(len(owner))
+                owner.extend([i] * len(seqs))
+                left[i] = len(seqs)
+                outputs[i] = [None] * len(seqs)
+                if not seqs:
+                    finish(i)
+                window.extend(seqs)
+                tokens += sum(len(s) for s in seqs)
+                if limit is not None and tokens >= limit:
+                    yield window
+                    window, tokens, limit = [], 0, 4 * budget
+            yield window
+
+        for j, out in self.runner.stream(windows(), task.head):
+            i = owner[j]
+            outputs[i][j - first_seq[i]] = out
+            left[i] -= 1
+            if left[i] == 0:
+                finish(i)
+        bar.close()
         return results[0] if single else results
 
 

@@ -94,13 +94,13 @@ def test_mixed_pooling_and_multi_row_sequences_share_a_step(tiny_llm):
     ids = [enc.encode(p, "p") for p in PROMPTS[2:6]]
     seqs = [Sequence(ids[0], Pooling.MEAN), Sequence(ids[1], Pooling.LAST), Sequence(ids[2], (0, 3, 5)),
             Sequence(ids[3], Pooling.MEAN), Sequence(ids[0], Pooling.CLS)]
-    together = llm.runner.run(seqs, IdentityHead(), use_tqdm=False)
+    together = llm.runner.run(seqs, IdentityHead())
     for seq, out in zip(seqs, together):
-        ref = llm.runner.run([seq], IdentityHead(), use_tqdm=False)[0]
+        ref = llm.runner.run([seq], IdentityHead())[0]
         assert out.shape == (seq.num_rows, 32)
         np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=TOL, rtol=0)
     # CLS of a sequence is row 0, which is also row 0 of the explicit-rows selection of the same ids
-    first = llm.runner.run([Sequence(ids[0], (0,))], IdentityHead(), use_tqdm=False)[0]
+    first = llm.runner.run([Sequence(ids[0], (0,))], IdentityHead())[0]
     np.testing.assert_allclose(together[4].numpy(), first.numpy(), atol=TOL, rtol=0)
 
 
@@ -128,3 +128,27 @@ def test_chunked_prefill_matches_transformers(chunk, tiny_llm, hf_ref):
         assert_topk_matches(res, hf.logprobs(ref_ids(llm.tokenizer, prompt))[-1], 3)
     for prompt, res in zip(PROMPTS[2:5], llm.classify(PROMPTS[2:5], labels=LABELS)):
         assert_probs_close(res.probs, ref_classify_probs(hf, llm.tokenizer, ref_ids(llm.tokenizer, prompt), LABELS))
+
+
+def test_a_long_call_starts_before_every_item_is_checked(tiny_llm, monkeypatch):
+    """A list much larger than a step is checked in windows: the first step runs after a step's worth
+    of items, later items are checked while steps run, and each result is what it is alone; an item
+    that fails in a later window fails alone."""
+    llm = tiny_llm("qwen3_tied", max_num_batched_tokens=24)
+    prompts = [list(range(5 + i, 5 + i + n)) for i, n in enumerate([7, 12, 3, 9, 15, 4, 11, 6] * 5)]
+    prompts[33] = [5, 6, -1]  # outside the vocabulary
+    checked: list[str] = []
+    encode = llm.encoder.encode
+    monkeypatch.setattr(llm.encoder, "encode", lambda p, f, *a, **kw: (checked.append(f), encode(p, f, *a, **kw))[1])
+    checked_at_step: list[int] = []
+    llm.runner.observers.append(lambda step: checked_at_step.append(len(checked)))
+    try:
+        together = llm.embed(prompts)
+    finally:
+        llm.runner.observers.clear()
+    assert checked_at_step[0] < 5 < len(prompts) == len(checked)
+    assert len(set(checked_at_step)) > 3  # checking went on between steps
+    assert "-1" in together[33].error and "texts[33]" in together[33].error
+    for i, (p, r) in enumerate(zip(prompts, together)):
+        if i != 33:
+            np.testing.assert_allclose(r.embedding, llm.embed(p).embedding, atol=TOL, rtol=0)

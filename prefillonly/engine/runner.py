@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import OutOfMemoryError
 from .batch import StepInput, build_step
@@ -30,53 +28,67 @@ class ModelRunner:
         self.tokens_processed = 0  # running total, read by batch jobs for tokens/s
         self.graphs = None  # engine.graphs.StepGraphs: CUDA graphs for small steps (set by the LLM)
 
+    def run(self, seqs: list[Sequence], head: Head) -> list[torch.Tensor | Exception]:
+        """Outputs in the order of ``seqs``: a (rows, K) CPU tensor, or the error of that sequence."""
+        results: list[torch.Tensor | Exception | None] = [None] * len(seqs)
+        for i, out in self.stream(iter([seqs]), head):
+            results[i] = out
+        return results  # type: ignore[return-value]
+
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], head: Head, use_tqdm: bool = True, desc: str = "prefill") -> list[torch.Tensor | Exception]:
-        """Outputs in the order of ``seqs``: a (rows, K) CPU tensor, or the error of that sequence.
+    def stream(self, windows: Iterator[list[Sequence]], head: Head) -> Iterator[tuple[int, torch.Tensor | Exception]]:
+        """Run sequences that arrive in windows; yield (index in arrival order, output) as each step is read back.
+
+        The next window is taken (so the caller validates and tokenises it)
+        while the GPU runs the steps already queued, and the caller builds
+        results while later steps run: a long call's first step starts after one
+        window, not after the whole batch. Each window joins a pool planned under
+        the token budget; the pool's last, partly filled step waits for the next
+        window, so steps stay full. A model with ``prepare_steps`` (images) plans
+        each window whole: its worker threads prepare the inputs of the next
+        steps meanwhile, and a sequence whose input failed there gets that error
+        while the rest of its step runs.
 
         On CUDA the steps are pipelined: step k+1 is built and queued before the
         results of step k are read back, so the host's packing and launches
-        overlap the GPU's work and the GPU does not wait between steps. A model
-        with ``prepare_steps`` (images) prepares the inputs of the next steps in
-        worker threads meanwhile; a sequence whose input failed there gets that
-        error and the rest of its step runs.
+        overlap the GPU's work and the GPU does not wait between steps.
         """
-        results: list[torch.Tensor | Exception | None] = [None] * len(seqs)
         prepare = getattr(self.model, "prepare_steps", None)
         first = self.max_num_batched_tokens // FIRST_STEP_FRACTION if prepare is not None else None
-        steps = plan_steps(seqs, self.max_num_batched_tokens, first_tokens=first)
-        total_tokens = sum(len(s) for s in seqs)
-        bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=not use_tqdm or len(seqs) == 0, leave=False)
-        start, done_tokens = time.perf_counter(), 0
+        seqs: list[Sequence] = []
+        pool: list[int] = []
         pending: list = []
-        ready = prepare([[seqs[i] for i in step] for step in steps]) if prepare is not None else None
-        try:
-            for step in steps:
-                ids = step
+        window = next(windows, None)
+        while window is not None or pool:
+            if window is not None:
+                seqs.extend(window)
+                pool.extend(range(len(seqs) - len(window), len(seqs)))
+            steps = [[pool[j] for j in step]
+                     for step in plan_steps([seqs[i] for i in pool], self.max_num_batched_tokens, first_tokens=first)]
+            first = None
+            pool = steps.pop() if window is not None and prepare is None and steps else []
+            ready = prepare([[seqs[i] for i in step] for step in steps]) if prepare is not None and steps else None
+            try:
+                for step in steps:
+                    ids = step
+                    if ready is not None:
+                        failed = next(ready)
+                        pending.extend((step[j], error) for j, error in failed.items())
+                        ids = [i for j, i in enumerate(step) if j not in failed]
+                    launched = list(self._run_step([seqs[i] for i in ids], head, ids)) if ids else []
+                    yield from self._collected(pending)
+                    pending = launched
+                    self.tokens_processed += sum(len(seqs[i]) for i in step)
+            finally:
                 if ready is not None:
-                    failed = next(ready)
-                    for j, error in failed.items():
-                        results[step[j]] = error
-                    ids = [i for j, i in enumerate(step) if j not in failed]
-                launched = list(self._run_step([seqs[i] for i in ids], head, ids)) if ids else []
-                self._collect(pending, results)
-                pending = launched
-                done_tokens += sum(len(seqs[i]) for i in step)
-                bar.update(len(step))
-                bar.set_postfix(tok_s=f"{done_tokens / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)
-        finally:
-            if ready is not None:
-                ready.close()
-        self._collect(pending, results)
-        bar.close()
-        assert done_tokens == total_tokens
-        self.tokens_processed += total_tokens
-        return results  # type: ignore[return-value]
+                    ready.close()
+            window = next(windows, None) if window is not None else None
+        yield from self._collected(pending)
 
     @staticmethod
-    def _collect(pending: list, results: list) -> None:
+    def _collected(pending: list) -> Iterator[tuple[int, torch.Tensor | Exception]]:
         for i, out in pending:
-            results[i] = out.get() if isinstance(out, _Pending) else out
+            yield i, out.get() if isinstance(out, _Pending) else out
 
     def _run_step(self, seqs: list[Sequence], head: Head, ids: list[int]):
         try:
