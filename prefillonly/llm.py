@@ -358,6 +358,13 @@ class LLM:
         return None if single else self.encoder.pretokenize(items, prefix)
 
     def _run_items(self, task: Task, inputs: Any, field: str, use_tqdm: bool | None, images: Any):
+        """Check each item into sequences, run them, build each item's result (or its error).
+
+        Items are checked lazily, window by window, as the runner asks for more
+        (``ModelRunner.stream``), and an item's result is built as soon as all its
+        sequences are back: on a long list the GPU starts early and the results
+        are ready soon after its last step.
+        """
         mm = self.mm
         per_images = None
         if mm is None:
