@@ -349,16 +349,13 @@ def multi_attention_micro() -> dict:
 
 
 def _steps(n: int, lo: int, hi: int, budget: int, seed: int) -> list[list[int]]:
-    """The scheduler's steps (lengths sorted longest first, packed under the budget) of a random mix."""
+    """The lengths of the scheduler's steps (engine.scheduler.plan_steps) over a random mix."""
+    from prefillonly.engine.scheduler import plan_steps
+    from prefillonly.engine.sequence import Sequence
+
     g = torch.Generator().manual_seed(seed)
-    lengths = sorted(torch.randint(lo, hi + 1, (n,), generator=g).tolist(), reverse=True)
-    steps, cur = [], []
-    for L in lengths:
-        if cur and sum(cur) + L > budget:
-            steps.append(cur)
-            cur = []
-        cur.append(L)
-    return steps + [cur]
+    seqs = [Sequence([0] * L) for L in torch.randint(lo, hi + 1, (n,), generator=g).tolist()]
+    return [[len(seqs[i]) for i in step] for step in plan_steps(seqs, budget)]
 
 
 # (positions per tile, BLOCK_N, warps, stages, pack): decoder layouts (GQA, causal) and vision towers

@@ -1,4 +1,5 @@
-"""The Triton attention kernel (models.flash) against the portable attention path, on the CPU.
+"""The Triton kernels on the CPU: the attention kernel (models.flash) against the portable attention
+path, and the fused decoder layer (models.fastpath) against the plain modules.
 
 Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported, hence the
 subprocess) runs the kernel with numpy, so its indexing, causal masking, GQA head mapping,
@@ -21,8 +22,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="triton has no w
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CHILD = r"""
-import json, sys
+SHIM = r"""
 import numpy as np
 import triton.runtime.interpreter as interp
 
@@ -34,7 +34,10 @@ if _patch is not None:
         _patch(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
     interp._patch_lang_tensor = _patched
+"""
 
+CHILD = SHIM + r"""
+import json, sys
 import torch
 from prefillonly.models.attention import AttentionMeta, _portable_attention
 from prefillonly.models.flash import flash_varlen
@@ -67,12 +70,16 @@ CASES = [
 ]
 
 
-def test_flash_kernel_matches_portable_attention():
+def _interpreted(code: str, *args: str):
+    """Run ``code`` in a child with Triton's interpreter on; its last stdout line, as JSON."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_flash_kernel_matches_portable_attention():
+    results = _interpreted(CHILD, json.dumps(CASES))
     assert len(results) == 2 * len(CASES)
     for r in results:
         tol = 2e-6 if r["dtype"] == "float32" else 5e-3
@@ -88,3 +95,28 @@ def test_tile_table_puts_the_most_keys_first():
     assert [m for _, m in tiles] == sorted((m for _, m in tiles), reverse=True)
     seqs, starts = tile_table([10, 40, 25], 16, causal=False)
     assert list(seqs)[:3] == [1, 1, 1] and list(seqs)[-1] == 0
+
+
+FUSED_CHILD = SHIM + r"""
+import json, sys
+from prefillonly import LLM
+from prefillonly.models import fastpath
+
+llm = LLM(sys.argv[1], dtype="float32", device="cpu", use_tqdm=False)
+prompts = [list(range(5 + i, 40 + 7 * i)) for i in range(6)]
+plain = [r.embedding for r in llm.embed(prompts)]
+fastpath.enable(llm.model, True)  # the CUDA fast path's layer code and Triton kernels, interpreted on the CPU
+fused = [r.embedding for r in llm.embed(prompts)]
+for layer in llm.model.model.layers:
+    layer.mlp_chunk = 16  # hybrid prefilling of a prompt that runs alone
+chunked = llm.embed(prompts[-1]).embedding
+print(json.dumps({"fused": max(float(abs(a - b).max()) for a, b in zip(plain, fused)),
+                  "chunked": float(abs(chunked - plain[-1]).max())}))
+"""
+
+
+def test_fused_decoder_layers_match_the_plain_path(tiny_path):
+    """models.fastpath (norm, q/k-norm + rotary and gated-activation kernels, per-step rotary tables, hybrid
+    chunks) against the plain modules on the same checkpoint, in float32."""
+    res = _interpreted(FUSED_CHILD, str(tiny_path("qwen3_tied")))
+    assert res["fused"] < 1e-5 and res["chunked"] < 1e-5, res

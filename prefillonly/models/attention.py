@@ -9,7 +9,7 @@ materialise a full L x L score matrix.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ class AttentionMeta:
     cu_seqlens: torch.Tensor  # int32, (num_seqs + 1,), on the compute device
     lengths: list[int]  # the same offsets, on the host, for the portable path
     max_seqlen: int
+    # tables derived from this step's layout (rotary, query chunks, attention tiles), built once and
+    # shared by every layer of the step; they go when the step does
+    tables: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device: torch.device) -> "AttentionMeta":

@@ -29,7 +29,6 @@ step budget and always run whole.
 
 from __future__ import annotations
 
-import weakref
 from array import array
 
 import torch
@@ -38,8 +37,6 @@ import torch.nn.functional as F
 from . import flash, kernels
 from .attention import _VARLEN, _VARLEN_GQA, packed_attention, to_device
 from .layers import Rotary
-
-_cache: dict = {"meta": None, "tables": {}}
 
 # Attention of a single long sequence on the hybrid path: "varlen" runs the varlen kernel in
 # query chunks (bounded memory); "sdpa" runs torch SDPA over the whole sequence, whose
@@ -83,17 +80,8 @@ def enable(model, on: bool = True) -> None:
         layer.self_attn._rope_group = groups.setdefault(key, len(groups))
 
 
-def _step_cache(meta) -> dict:
-    """Per-step tables (rotary, chunk offsets), shared by all layers of one step."""
-    ref = _cache["meta"]
-    if ref is None or ref() is not meta:
-        _cache["meta"] = weakref.ref(meta)
-        _cache["tables"] = {}
-    return _cache["tables"]
-
-
 def _rope_table(attn, positions: torch.Tensor, meta):
-    tables = _step_cache(meta)
+    tables = meta.tables
     key = ("rope", attn._rope_group)
     if key not in tables:
         rot = attn.rotary
@@ -108,7 +96,7 @@ def _rope_table(attn, positions: torch.Tensor, meta):
 
 def _query_chunks(meta, n: int, chunk: int, device):
     """(bounds, cu_q, cu_k) for query chunks of one sequence, built once per step."""
-    tables = _step_cache(meta)
+    tables = meta.tables
     key = ("qchunks", n, chunk)
     if key not in tables:
         bounds = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
@@ -119,7 +107,7 @@ def _query_chunks(meta, n: int, chunk: int, device):
 
 def _padded_layout(meta, device):
     """(batch, max_len, packed->padded row map, batch index, position index) of a step, once per step."""
-    tables = _step_cache(meta)
+    tables = meta.tables
     if "pad" not in tables:
         lengths, lmax = meta.lengths, meta.max_seqlen
         rows, bidx, pidx = array("q"), array("q"), array("q")
@@ -210,18 +198,15 @@ def fused_layer_forward(layer, x: torch.Tensor, positions: torch.Tensor, meta) -
             mode = MULTI_ATTENTION
         if mode == "padded":
             o = _padded_attention(layer, x, cos, sin, meta)
-            _add_linear_(x, o, attn.o_proj, post_attn)
-            del o
-            _mlp_(layer, x)
-            return x
-        q, k, v = _qkv(layer, x, cos, sin)
-        if mode == "flash":
-            o = flash.flash_varlen(q, k, v, meta, s.attn_scale)
-        elif mode == "varlen":
-            o = packed_attention(q, k, v, meta, s.attn_scale, attn.window, s.attn_softcap)
         else:
-            raise ValueError(f"MULTI_ATTENTION must be 'flash', 'varlen' or 'padded'; got {mode!r}")
-        del q, k, v
+            q, k, v = _qkv(layer, x, cos, sin)
+            if mode == "flash":
+                o = flash.flash_varlen(q, k, v, meta, s.attn_scale)
+            elif mode == "varlen":
+                o = packed_attention(q, k, v, meta, s.attn_scale, attn.window, s.attn_softcap)
+            else:
+                raise ValueError(f"MULTI_ATTENTION must be 'flash', 'varlen' or 'padded'; got {mode!r}")
+            del q, k, v
         _add_linear_(x, o.view(n, -1), attn.o_proj, post_attn)
         del o
         _mlp_(layer, x)

@@ -13,7 +13,7 @@ one query head or for all the heads of one key/value group): an online softmax
 over the key tiles of its own sequence, in float32, written once in the input
 dtype.
 The tile table (which sequence, which first query) is built on the host from
-the step's lengths and cached on the step's ``AttentionMeta``.
+the step's lengths and kept in the step's ``AttentionMeta.tables``.
 """
 
 from __future__ import annotations
@@ -123,13 +123,12 @@ def tile_table(lengths: list[int], block_m: int, causal: bool = True) -> tuple[a
 
 
 def _tiles_on_device(meta: AttentionMeta, block_m: int, causal: bool, device: torch.device) -> torch.Tensor:
-    cache = meta.__dict__.setdefault("_flash_tiles", {})
-    key = (block_m, causal)
-    if key not in cache:
+    key = ("flash_tiles", block_m, causal)
+    if key not in meta.tables:
         seqs, starts = tile_table(meta.lengths, block_m, causal)
         host = torch.stack([torch.frombuffer(seqs, dtype=torch.int32), torch.frombuffer(starts, dtype=torch.int32)])
-        cache[key] = to_device(host, device)
-    return cache[key]
+        meta.tables[key] = to_device(host, device)
+    return meta.tables[key]
 
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta, scale: float,
