@@ -361,7 +361,8 @@ def _steps(n: int, lo: int, hi: int, budget: int, seed: int) -> list[list[int]]:
 # (positions per tile, BLOCK_N, warps, stages, pack): decoder layouts (GQA, causal) and vision towers
 FLASH_CONFIGS = ((64, 64, 4, 3, 1), (64, 64, 4, 2, 1), (64, 64, 4, 3, 2), (64, 64, 8, 3, 2), (64, 64, 8, 2, 2),
                  (32, 64, 4, 3, 2), (64, 32, 4, 3, 2), (128, 64, 8, 3, 1))
-TOWER_CONFIGS = ((64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2))
+TOWER_CONFIGS = ((64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2),
+                 (64, 128, 4, 3), (64, 128, 4, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 4))
 
 
 @_guard
@@ -409,13 +410,40 @@ def flash_micro() -> dict:
 
         out["varlen"] = run(lambda q, k, v, m: packed_attention(q, k, v, m, d**-0.5, causal=causal))
         for cfg in FLASH_CONFIGS if causal else TOWER_CONFIGS:
+            key = "-".join(map(str, cfg))
             try:
-                out["-".join(map(str, cfg))] = run(
-                    lambda q, k, v, m: flash.flash_varlen(q, k, v, m, d**-0.5, causal=causal, config=cfg))
+                out[key] = run(lambda q, k, v, m: flash.flash_varlen(q, k, v, m, d**-0.5, causal=causal, config=cfg))
             except Exception as e:  # a config that does not fit (shared memory, registers) is a result
-                out["-".join(map(str, cfg))] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                out[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         best = min((v["ms"], k) for k, v in out.items() if isinstance(v, dict) and "ms" in v and k != "varlen")
         out["best"] = {"config": best[1], "speedup_vs_varlen": out["varlen"]["ms"] / best[0]}
         res[name] = out
     res["ok"] = worst < 1.5
+    return res
+
+
+def gelu_epilogue() -> dict:
+    """The vision towers' fc1 + tanh-GELU as one cuBLASLt call (``torch._addmm_activation``) against the two-pass
+    form: which GELU the epilogue computes (tanh or erf, against float32), and the time at a tower's shapes."""
+    dev = torch.device("cuda")
+    torch.manual_seed(5)
+    res: dict = {}
+    x32, w32, b32 = torch.randn(4096, 1024, device=dev), torch.randn(4096, 1024, device=dev) / 32, torch.randn(4096, device=dev)
+    pre = torch.addmm(b32, x32, w32.t())
+    for approx in ("tanh", "none"):
+        ref = F.gelu(pre, approximate=approx)
+        res[f"fp32_vs_{approx}"] = _rel(torch._addmm_activation(b32, x32, w32.t(), use_gelu=True), ref)
+        xb, wb, bb = x32.bfloat16(), w32.bfloat16(), b32.bfloat16()
+        res[f"bf16_epilogue_vs_{approx}32"] = _rel(torch._addmm_activation(bb, xb, wb.t(), use_gelu=True), ref)
+        res[f"bf16_twopass_vs_{approx}32"] = _rel(F.gelu(F.linear(xb, wb, bb), approximate=approx), ref)
+    for rows in (16384, 65536):
+        x = torch.randn(rows, 1024, device=dev, dtype=torch.bfloat16)
+        w, b = torch.randn(4096, 1024, device=dev, dtype=torch.bfloat16) / 32, torch.randn(4096, device=dev, dtype=torch.bfloat16)
+        flops = 2 * rows * 1024 * 4096
+        two = _cuda_seconds(lambda: F.gelu(F.linear(x, w, b), approximate="tanh"))
+        one = _cuda_seconds(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True))
+        plain = _cuda_seconds(lambda: F.linear(x, w, b))
+        res[f"rows{rows}"] = {"two_pass_ms": two * 1e3, "epilogue_ms": one * 1e3, "linear_only_ms": plain * 1e3,
+                              "linear_tflops": flops / plain / 1e12}
+    res["ok"] = res["fp32_vs_tanh"] < 1e-5
     return res

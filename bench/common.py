@@ -179,7 +179,7 @@ def gpu_busy(fn: Callable[[], Any]) -> dict:
     except Exception as e:  # the breakdown is a nicety
         top = [(0.0, 0, f"breakdown failed: {e}")]
     return {"kernel_busy_s": busy / 1e6, "profiled_wall_s": wall, "events": len(spans), **idle,
-            "top_kernels_s": top[:16]}
+            "top_kernels_s": top[:30]}
 
 
 # -- checkpoints and engines ------------------------------------------------------------------

@@ -40,14 +40,10 @@ def _timeline(llm: Any, chats: list) -> dict[str, Any]:
     """One pass with the runner's and the model's entry points timed (wall, main thread)."""
     runner, model = llm.runner, llm.model
     marks: dict[str, Any] = {"steps": [], "tower_s": 0.0, "tower_calls": 0}
-    run, execute, collect, prepare, encode = (runner.run, runner._execute, runner._collect, model.prepare_steps,
-                                              model.tower.encode)
-
-    def timed_run(*a: Any, **k: Any) -> Any:
-        marks["render_s"] = time.perf_counter() - marks["t0"]
-        return run(*a, **k)
+    execute, collected, prepare, encode = runner._execute, runner._collected, model.prepare_steps, model.tower.encode
 
     def timed_prepare(steps: list) -> Any:
+        marks.setdefault("render_s", time.perf_counter() - marks["t0"])  # prompts rendered, steps planned
         gen = prepare(steps)
         try:
             while True:
@@ -61,6 +57,21 @@ def _timeline(llm: Any, chats: list) -> dict[str, Any]:
                 yield failed
         finally:
             gen.close()
+
+    def timed_collected(pending: list) -> Any:
+        """The wait for a step's outputs: the time inside the runner's generator, not the caller's."""
+        gen = collected(pending)
+        while True:
+            t = time.perf_counter()
+            try:
+                with _label("collect"):
+                    item = next(gen)
+            except StopIteration:
+                return
+            finally:
+                if marks["steps"]:
+                    marks["steps"][-1]["collect_s"] = marks["steps"][-1].get("collect_s", 0.0) + time.perf_counter() - t
+            yield item
 
     def step_timer(fn: Any, key: str) -> Any:
         """``fn`` timed into the current step's ``key`` (and labelled for a trace)."""
@@ -94,19 +105,24 @@ def _timeline(llm: Any, chats: list) -> dict[str, Any]:
             marks["tower_s"] += time.perf_counter() - t
             marks["tower_calls"] += 1
 
-    runner.run, runner._execute = timed_run, step_timer(execute, "launch_s")
-    runner._collect = step_timer(collect, "collect_s")
+    runner._execute, runner._collected = step_timer(execute, "launch_s"), timed_collected
     model.prepare_steps, model.tower.encode = timed_prepare, timed_encode
     try:
         model.encoder_cache.clear()
         common.sync()
+        if common.DEV == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
         marks["t0"] = time.perf_counter()
         llm.classify(chats, labels=LABELS, use_tqdm=False)
         common.sync()
         marks["total_s"] = time.perf_counter() - marks.pop("t0")
         marks["tower_gpu_s"] = sum(a.elapsed_time(b) for a, b in marks.pop("tower_events", [])) / 1e3
+        if common.DEV == "cuda":
+            marks["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     finally:
-        del runner.run, runner._execute, runner._collect, model.prepare_steps, model.tower.encode
+        del runner._execute, runner._collected, model.prepare_steps, model.tower.encode
     return marks
 
 
@@ -138,6 +154,38 @@ def _variant(name: str, llm: Any) -> Any:
         if name == "noflash":
             fastpath.MULTI_ATTENTION = "varlen"
         return lambda: (setattr(fastpath, "MULTI_ATTENTION", saved_multi), setattr(flash, "TOWER", saved_tower))
+    if name == "longestfirst":  # image models' steps from the longest sequences down (before #21)
+        from prefillonly.engine import runner
+
+        runner.SHORTEST_FIRST = False
+        return lambda: setattr(runner, "SHORTEST_FIRST", True)
+    if name.startswith("towerpatches"):
+        from prefillonly.models.vision import vlm
+
+        saved_patches = vlm.TOWER_MAX_PATCHES
+        vlm.TOWER_MAX_PATCHES = int(name[len("towerpatches"):])
+        return lambda: setattr(vlm, "TOWER_MAX_PATCHES", saved_patches)
+    if name.startswith("prefetch"):  # image steps prepared ahead of the one running
+        from prefillonly.models.vision import vlm
+
+        saved_ahead = vlm.PREFETCH_STEPS
+        vlm.PREFETCH_STEPS = int(name[len("prefetch"):])
+        return lambda: setattr(vlm, "PREFETCH_STEPS", saved_ahead)
+    if name == "onewindow":  # image models check the whole call before the first step (before #24)
+        from prefillonly import llm as llm_module
+
+        llm_module.STREAM_IMAGES = False
+        return lambda: setattr(llm_module, "STREAM_IMAGES", True)
+    if name == "noupstream":  # pixel uploads on the compute stream (before #22)
+        from prefillonly.models.vision import vlm
+
+        vlm.UPLOAD_STREAM = False
+        return lambda: setattr(vlm, "UPLOAD_STREAM", True)
+    if name == "noepilogue":  # fc1, then GELU as its own pass (the towers' MLP before #20)
+        from prefillonly.models.vision import qwen_vit
+
+        qwen_vit.GELU_EPILOGUE = False
+        return lambda: setattr(qwen_vit, "GELU_EPILOGUE", True)
     if name.startswith("workers"):
         saved = preprocess_pool._executor
         preprocess_pool._executor = ThreadPoolExecutor(int(name[len("workers"):]), thread_name_prefix="vl-image")
@@ -178,10 +226,10 @@ def _sync_points(fn: Any) -> list[tuple[str, int]]:
 def _summary(m: dict[str, Any], n: int) -> str:
     steps = m["steps"]
     tot = {k: sum(s.get(k, 0.0) for s in steps) for k in ("pixels_wait_s", "launch_s", "collect_s")}
-    return (f"{n / m['total_s']:.1f} req/s, {m['total_s'] * 1e3:.0f} ms: render {m['render_s'] * 1e3:.0f} ms, "
+    return (f"{n / m['total_s']:.1f} req/s, {m['total_s'] * 1e3:.0f} ms: render {m.get('render_s', 0) * 1e3:.0f} ms, "
             f"{len(steps)} steps: pixels wait {tot['pixels_wait_s'] * 1e3:.0f} ms, launch {tot['launch_s'] * 1e3:.0f} ms, "
             f"collect {tot['collect_s'] * 1e3:.0f} ms; tower {m['tower_calls']} calls, host {m['tower_s'] * 1e3:.0f} ms, "
-            f"GPU {m.get('tower_gpu_s', 0.0) * 1e3:.0f} ms")
+            f"GPU {m.get('tower_gpu_s', 0.0) * 1e3:.0f} ms; peak {m.get('peak_gib', 0.0):.2f} GiB")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,7 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workloads", default="V1,V2")
     p.add_argument("--n-images", type=int, default=192)
     p.add_argument("--variants", default="base",
-                   help="comma-separated: base, noview, switch<ms>ms, workers<n>, firststep<fraction of the budget>")
+                   help="comma-separated: base, noview, noflash, notowerflash, noepilogue, longestfirst, noupstream, "
+                        "onewindow, prefetch<steps>, towerpatches<n>, switch<ms>ms, workers<n>, "
+                        "firststep<fraction of the budget>")
     p.add_argument("--repeats", type=int, default=3, help="timelines per variant (the median is printed)")
     p.add_argument("--kernels", action="store_true", help="the profiler's kernel table of one pass")
     p.add_argument("--cprofile", action="store_true", help="the main thread's cProfile of one pass")
@@ -230,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
             busy = common.gpu_busy(lambda: llm.classify(chats, labels=LABELS, use_tqdm=False))
             wall = busy["profiled_wall_s"]
             print(f"{wl} kernels: busy {busy['kernel_busy_s'] * 1e3:.0f} ms of {wall * 1e3:.0f} ms "
-                  f"(idle {1 - busy['kernel_busy_s'] / max(wall, 1e-9):.0%}, profiler on)")
+                  f"(idle {1 - busy['kernel_busy_s'] / max(wall, 1e-9):.0%}: head {busy['head_s'] * 1e3:.0f} ms, "
+                  f"gaps {busy['gaps_s'] * 1e3:.0f} ms, tail {busy['tail_s'] * 1e3:.0f} ms; profiler on)")
             for t, count, key in busy["top_kernels_s"]:
                 print(f"  {t * 1e3:8.1f} ms {count:6d}  {key}")
         if a.trace:

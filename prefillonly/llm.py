@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import ModelRunner, Pooling, Sequence
+from .engine import runner as engine_runner
 from .engine.accel import configure as configure_speed
 from .engine.loader import load_model, read_checkpoint
 from .errors import CheckpointError, InvalidRequestError, PrefillOnlyError
@@ -20,6 +21,9 @@ from .tasks import ClassifyTask, EmbedTask, NextTokenTask, ScoreTask, Task, toke
 from .tasks.embed import pooling_from_checkpoint, prompts_from_checkpoint
 
 DTypeLike = str | torch.dtype | None
+# Image models check a long call in windows too (the first the size of the runner's small first step): the GPU
+# starts on the first few images while the rest are rendered. False: the whole call is checked first.
+STREAM_IMAGES = True
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -414,10 +418,17 @@ class LLM:
                 bar.set_postfix(tok_s=f"{rate:,.0f}", refresh=False)
 
         def windows() -> Iterator[list[Sequence]]:
-            # Text: the GPU starts once a step's worth of items is checked, and later windows are checked
-            # while it runs. Image models take one window: their steps are planned whole for the image workers.
+            # The GPU starts once a step's worth of items is checked, and later windows (four steps' worth) are
+            # checked while it runs. Image models start on the runner's small first step, whose images' pixels
+            # are ready soonest, then one step's worth, so each window is rendered while the last one runs.
             budget = self.runner.max_num_batched_tokens
-            limit = budget if mm is None else None
+            if mm is None:
+                limits: list[float] = [budget]
+            elif STREAM_IMAGES:
+                limits = [max(1, budget // engine_runner.FIRST_STEP_FRACTION), budget]
+            else:
+                limits = [float("inf")]
+            limit = limits.pop(0)
             window: list[Sequence] = []
             tokens = 0
             for i in range(len(items)):
@@ -430,9 +441,10 @@ class LLM:
                     finish(i)
                 window.extend(seqs)
                 tokens += sum(len(s) for s in seqs)
-                if limit is not None and tokens >= limit:
+                if tokens >= limit:
                     yield window
-                    window, tokens, limit = [], 0, 4 * budget
+                    window, tokens = [], 0
+                    limit = limits.pop(0) if limits else 4 * budget
             yield window
 
         for j, out in self.runner.stream(windows(), task.head):

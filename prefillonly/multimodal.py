@@ -28,6 +28,7 @@ import os
 from functools import lru_cache, partial
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import ImageError, InvalidRequestError
@@ -363,32 +364,33 @@ def mrope_positions(n: int, refs: list[ImageRef], merge: int) -> torch.Tensor:
     Text tokens get equal (t, h, w) positions counting on from the previous
     token; an image's tokens get (start, start + row, start + col) over its
     merged grid, and the text after it continues from the largest position
-    used so far plus one.
+    used so far plus one. Built in numpy: torch's CPU ops share their thread
+    pool with the image workers, and a small op can then stall for milliseconds.
     """
-    pos = torch.empty(3, n, dtype=torch.long)
+    pos = np.empty((3, n), dtype=np.int64)
     cur = prev = 0
     for ref in refs:
         gap = ref.start - prev
-        pos[:, prev : ref.start] = torch.arange(cur, cur + gap)
+        pos[:, prev : ref.start] = np.arange(cur, cur + gap)
         cur += gap
         block, span = _image_positions(ref.item.grid, merge)
-        torch.add(block, cur, out=pos[:, ref.start : ref.stop])
+        np.add(block, cur, out=pos[:, ref.start : ref.stop])
         cur += span
         prev = ref.stop
-    pos[:, prev:] = torch.arange(cur, cur + n - prev)
-    return pos
+    pos[:, prev:] = np.arange(cur, cur + n - prev)
+    return torch.from_numpy(pos)
 
 
 @lru_cache(maxsize=1024)
-def _image_positions(grid: tuple[int, int, int], merge: int) -> tuple[torch.Tensor, int]:
+def _image_positions(grid: tuple[int, int, int], merge: int) -> tuple[np.ndarray, int]:
     """(3, tokens) positions of an image of this grid relative to its start, and how far the text after it moves
     on. Computed once per grid: a batch's images mostly share a few grids."""
     t, h, w = grid
     gh, gw = h // merge, w // merge
-    tt = torch.arange(t).view(t, 1, 1).expand(t, gh, gw).flatten()
-    hh = torch.arange(gh).view(1, gh, 1).expand(t, gh, gw).flatten()
-    ww = torch.arange(gw).view(1, 1, gw).expand(t, gh, gw).flatten()
-    return torch.stack([tt, hh, ww]), max(gh, gw)
+    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+    block = np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)])
+    block.setflags(write=False)
+    return block, max(gh, gw)
 
 
 class _Unfrozen(TypeError):

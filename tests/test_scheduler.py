@@ -28,3 +28,15 @@ def test_budgets_and_coverage(first: int | None) -> None:
     if first is not None:  # the first step is the longest sequence alone or a few under the cap
         assert sum(lengths[i] for i in steps[0]) <= max(first, 5000)
         assert len(steps) >= len(plan_steps(seqs, 4000))
+
+
+def test_shortest_first_puts_the_smallest_sequences_in_the_first_step() -> None:
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 900) for _ in range(200)]
+    seqs = _seqs(lengths)
+    steps = plan_steps(seqs, 4000, first_tokens=500, shortest_first=True)
+    assert sorted(i for step in steps for i in step) == list(range(len(seqs)))
+    first = [lengths[i] for i in steps[0]]
+    assert sum(first) <= 500 and max(first) <= min(lengths[i] for step in steps[1:] for i in step)
+    assert sorted(first) == sorted(lengths)[: len(first)]
+    assert all(sum(lengths[i] for i in step) <= 4000 for step in steps)

@@ -15,6 +15,8 @@ StepObserver = Callable[[StepInput], None]
 # A model whose steps need CPU preparation (images) gets a first step of 1/FIRST_STEP_FRACTION of the budget:
 # the GPU starts once a few images are ready instead of a full step's worth.
 FIRST_STEP_FRACTION = 8
+# ... and its steps run from the shortest sequences up, so the first steps' images are the quickest to prepare.
+SHORTEST_FIRST = True
 
 
 class ModelRunner:
@@ -40,14 +42,15 @@ class ModelRunner:
         """Run sequences that arrive in windows; yield (index in arrival order, output) as each step is read back.
 
         The next window is taken (so the caller validates and tokenises it)
-        while the GPU runs the steps already queued, and the caller builds
+        while the GPU runs the steps already queued (a window's last two steps
+        are read back only after the next window's first step is queued), and the caller builds
         results while later steps run: a long call's first step starts after one
         window, not after the whole batch. Each window joins a pool planned under
         the token budget; the pool's last, partly filled step waits for the next
-        window, so steps stay full. A model with ``prepare_steps`` (images) plans
-        each window whole: its worker threads prepare the inputs of the next
-        steps meanwhile, and a sequence whose input failed there gets that error
-        while the rest of its step runs.
+        window, so steps stay full. A model with ``prepare_steps`` (images) gets
+        a small first step, and its worker threads prepare the inputs of each
+        window's next steps meanwhile; a sequence whose input failed there gets
+        that error while the rest of its step runs.
 
         On CUDA the steps are pipelined: step k+1 is built and queued before the
         results of step k are read back, so the host's packing and launches
@@ -63,21 +66,26 @@ class ModelRunner:
             if window is not None:
                 seqs.extend(window)
                 pool.extend(range(len(seqs) - len(window), len(seqs)))
-            steps = [[pool[j] for j in step]
-                     for step in plan_steps([seqs[i] for i in pool], self.max_num_batched_tokens, first_tokens=first)]
+            plan = plan_steps([seqs[i] for i in pool], self.max_num_batched_tokens, first_tokens=first,
+                              shortest_first=prepare is not None and SHORTEST_FIRST)
+            steps = [[pool[j] for j in step] for step in plan]
+            # the last, partly filled step waits for the next window (not the small first step itself)
+            pool = steps.pop() if window is not None and len(steps) > (first is not None) else []
             first = None
-            pool = steps.pop() if window is not None and prepare is None and steps else []
             ready = prepare([[seqs[i] for i in step] for step in steps]) if prepare is not None and steps else None
             try:
-                for step in steps:
+                for k, step in enumerate(steps):
                     ids = step
                     if ready is not None:
                         failed = next(ready)
                         pending.extend((step[j], error) for j, error in failed.items())
                         ids = [i for j, i in enumerate(step) if j not in failed]
                     launched = list(self._run_step([seqs[i] for i in ids], head, ids)) if ids else []
-                    yield from self._collected(pending)
-                    pending = launched
+                    if k == len(steps) - 1 and window is not None:
+                        pending.extend(launched)  # the next window is checked while both last steps run
+                    else:
+                        yield from self._collected(pending)
+                        pending = launched
                     self.tokens_processed += sum(len(seqs[i]) for i in step)
             finally:
                 if ready is not None:

@@ -58,13 +58,14 @@ if HAVE_TRITON:
         offs_m = m0 + rows % BLOCK_P
         heads = first_head + rows // BLOCK_P
         offs_d = tl.arange(0, D_PAD)
-        d_ok = offs_d < HEAD_DIM
+        d_ok = offs_d < HEAD_DIM  # all true when HEAD_DIM is a power of two: then no load is masked along d
         m_ok = offs_m < length
         q_rows = (start + offs_m) * stride_qt + heads * stride_qh
         q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         k_base = k_ptr + start * stride_kt + kv_head * stride_kh
         v_base = v_ptr + start * stride_vt + kv_head * stride_vh
 
+        # m_i is the running row maximum of the scaled scores; exponents are one fused multiply-add each
         m_i = tl.full((PACK * BLOCK_P,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((PACK * BLOCK_P,), dtype=tl.float32)
         acc = tl.zeros((PACK * BLOCK_P, D_PAD), dtype=tl.float32)
@@ -77,13 +78,17 @@ if HAVE_TRITON:
             hi = length
         for n0 in range(0, full_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            s = tl.dot(q, k) * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
+            if HEAD_DIM == D_PAD:
+                k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None])
+                v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+            else:
+                k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            s = tl.dot(q, k)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         for n0 in range(full_end, hi, BLOCK_N):

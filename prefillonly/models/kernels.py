@@ -93,7 +93,8 @@ if HAVE_TRITON:
                              stride_qkv, stride_cs, stride_q, stride_k, stride_v, eps,
                              HQ: tl.constexpr, HK: tl.constexpr, HQ_P2: tl.constexpr, HK_P2: tl.constexpr,
                              HALF: tl.constexpr, HALF_P2: tl.constexpr, FULL_TABLE: tl.constexpr,
-                             NORM: tl.constexpr, GEMMA: tl.constexpr, ROW_MAP: tl.constexpr):
+                             NORM: tl.constexpr, GEMMA: tl.constexpr, ROW_MAP: tl.constexpr,
+                             COPY_V: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         if ROW_MAP:
             orow = tl.load(map_ptr + row).to(tl.int64)
@@ -115,9 +116,10 @@ if HAVE_TRITON:
         src = src + HQ * 2 * HALF
         _heads_norm_rope(src, k_ptr + orow * stride_k, kw_ptr, c_lo, s_lo, c_hi, s_hi, eps,
                          HK, HK_P2, HALF, HALF_P2, NORM, GEMMA, True)
-        src = src + HK * 2 * HALF
-        _heads_norm_rope(src, v_ptr + orow * stride_v, kw_ptr, c_lo, s_lo, c_hi, s_hi, eps,
-                         HK, HK_P2, HALF, HALF_P2, False, False, False)
+        if COPY_V:
+            src = src + HK * 2 * HALF
+            _heads_norm_rope(src, v_ptr + orow * stride_v, kw_ptr, c_lo, s_lo, c_hi, s_hi, eps,
+                             HK, HK_P2, HALF, HALF_P2, False, False, False)
 
     @triton.jit
     def _act_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_out, n_cols,
@@ -180,20 +182,27 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = Fal
 def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
                  head_dim: int, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
                  gemma: bool = False, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 row_map: torch.Tensor | None = None):
+                 row_map: torch.Tensor | None = None, copy_v: bool = True):
     """Split (N, (Hq + 2 Hkv) D) into rotated q (N, Hq, D), k and v (N, Hkv, D).
 
     ``cos``/``sin`` are float32 tables of shape (N, D) or (N, D/2) (the two
     halves of the rotate-half layout being equal). With ``q_weight`` the
     per-head RMSNorm runs before the rotation. ``row_map`` (N,) int64 scatters
-    row i to row ``row_map[i]`` of ``out`` (a padded layout).
+    row i to row ``row_map[i]`` of ``out`` (a padded layout). ``copy_v=False``
+    returns v as a strided view into ``qkv`` (for a consumer that takes strides)
+    instead of copying it.
     """
     qkv = _rows(qkv)
     n = qkv.shape[0]
+    if not copy_v and (out is not None or row_map is not None):
+        raise ValueError("copy_v=False needs the unpadded layout and no out= buffers")
     if out is None:
         q = torch.empty((n, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
         k = torch.empty((n, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
-        v = torch.empty((n, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+        if copy_v:
+            v = torch.empty((n, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+        else:
+            v = qkv[:, (num_heads + num_kv_heads) * head_dim:].view(n, num_kv_heads, head_dim)
     else:
         q, k, v = out
     if head_dim % 2:
@@ -208,7 +217,7 @@ def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_he
             qkv.stride(0), cos.stride(0), q.stride(0), k.stride(0), v.stride(0), eps,
             HQ=num_heads, HK=num_kv_heads, HQ_P2=_p2(num_heads), HK_P2=_p2(num_kv_heads),
             HALF=half, HALF_P2=_p2(half), FULL_TABLE=full, NORM=norm, GEMMA=gemma, ROW_MAP=row_map is not None,
-            num_warps=4,
+            COPY_V=copy_v, num_warps=4,
         )
     return q, k, v
 

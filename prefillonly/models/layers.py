@@ -101,8 +101,14 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
+        self.act_name = act
         self.intermediate = intermediate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """``fused`` (CUDA, half precision; the vision towers): act(gate) * up in one Triton pass."""
+        if fused:
+            from .kernels import act_mul
+
+            return self.down_proj(act_mul(self.gate_up_proj(x), self.act_name))
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(self.act(gate) * up)

@@ -231,6 +231,10 @@ class PatchEmbed(nn.Module):
         return F.linear(pixels.to(w.dtype), w.reshape(w.shape[0], -1), self.proj.bias)
 
 
+# Fused towers run fc1's tanh-GELU in the matmul's epilogue (cuBLASLt), not as a pass over the 4x-wide output.
+GELU_EPILOGUE = True
+
+
 class FcMLP(nn.Module):
     """fc2(act(fc1(x))) with the checkpoint's own layer names."""
 
@@ -240,9 +244,14 @@ class FcMLP(nn.Module):
         setattr(self, names[0], nn.Linear(dim, hidden))
         setattr(self, names[1], nn.Linear(hidden, dim))
         self.act = activation(act)
+        self.tanh_gelu = act in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self.names[1])(self.act(getattr(self, self.names[0])(x)))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        fc1, fc2 = getattr(self, self.names[0]), getattr(self, self.names[1])
+        if fused and self.tanh_gelu and GELU_EPILOGUE and x.dim() == 2:
+            # GELU (tanh form) on the float32 accumulator, then one rounding: as exact as the two-pass form
+            return fc2(torch._addmm_activation(fc1.bias, x, fc1.weight.t(), use_gelu=True))
+        return fc2(self.act(fc1(x)))
 
 
 class VisionAttention(nn.Module):
@@ -258,13 +267,15 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         qkv = self.qkv(x)
         # rotary in float32, as transformers does for the vision tower; fused: one kernel splits and rotates
-        if fused:
-            q, k, v = kernels.qk_norm_rope(qkv, cos, sin, self.heads, self.heads, self.head_dim, None, None, 0.0)
+        tower_flash = fused and flash.TOWER
+        if fused:  # our flash kernel reads v in place, strided inside qkv
+            q, k, v = kernels.qk_norm_rope(qkv, cos, sin, self.heads, self.heads, self.head_dim, None, None, 0.0,
+                                           copy_v=not tower_flash)
         else:
             q, k, v = qkv.view(n, 3, self.heads, self.head_dim).unbind(1)
             q = apply_rotary(q.float(), cos, sin).to(v.dtype)
             k = apply_rotary(k.float(), cos, sin).to(v.dtype)
-        if fused and flash.TOWER:
+        if tower_flash:
             out = flash.flash_varlen(q, k, v, meta, self.scale, causal=False, config=flash.TOWER_CONFIG)
         else:
             out = packed_attention(q, k, v, meta, self.scale, causal=False)
@@ -292,7 +303,7 @@ class VisionBlock(nn.Module):
         MLP output, likewise not yet added to ``x``."""
         dtype = self.attn.qkv.weight.dtype
         attn = self.attn(_norm(self.norm1, x, dtype, pending, fused), cos, sin, meta, fused)
-        return self.mlp(_norm(self.norm2, x, dtype, attn, fused))
+        return self.mlp(_norm(self.norm2, x, dtype, attn, fused), fused)
 
 
 class Qwen2Merger(nn.Module):

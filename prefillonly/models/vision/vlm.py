@@ -28,9 +28,13 @@ JINA_LOGIT_BIAS = 2.65
 # Steps whose pixels are prepared while the current one runs: enough to hide preprocessing behind the GPU,
 # few enough that the pixels held stay within a few steps' worth (each step is bounded by the token budget).
 PREFETCH_STEPS = 2
-# Patches per tower call. The tower's activations grow with the patches it sees at once (a 1024-wide tower:
-# ~25 KiB per patch and block); 16K patches keep its matmuls large enough to fill an H100 or H200.
-TOWER_MAX_PATCHES = 16384
+# Patches per tower call, for a tower whose MLP is 4096 wide (Qwen3-VL-2B's); a wider MLP gets proportionally
+# fewer, since its activations set the call's peak memory. Qwen3-VL's V2 is 21 ms faster at 32K than at 16K, and
+# no faster at 64K, which costs 1 GiB more (bench/NOTES.md #23).
+TOWER_MAX_PATCHES = 32768
+# Pixels go up on a stream of their own: on the compute stream each copy (V2's 722 MB: ~14 ms) would hold up
+# the kernels queued behind it; on a side stream it overlaps the previous tower call.
+UPLOAD_STREAM = True
 
 
 @dataclass
@@ -87,6 +91,7 @@ class VisionLanguageModel(CausalLM):
             self.score = JinaScore(spec.hidden_size)
         self.encoder_cache = EncoderCache(DEFAULT_ENCODER_CACHE_BYTES)
         self.encoder_stats = EncoderStats()
+        self._upload: torch.cuda.Stream | None = None  # created on first use, on the tower's GPU
 
     @property
     def tower(self) -> nn.Module:
@@ -156,7 +161,7 @@ class VisionLanguageModel(CausalLM):
                 stats.misses += 1
         options = self.pixel_options()
         for chunk in self._chunks(todo):
-            outs = self.tower.encode([self._on_device(item.data(**options)) for item in chunk])
+            outs = self.tower.encode(self._on_device([item.data(**options) for item in chunk]))
             stats.calls += 1
             stats.images_encoded += len(chunk)
             for item, feat in zip(chunk, outs):
@@ -165,13 +170,17 @@ class VisionLanguageModel(CausalLM):
         return found
 
     def _chunks(self, items: list[ImageItem]) -> Iterator[list[ImageItem]]:
-        """Consecutive runs of ``items`` of at most TOWER_MAX_PATCHES patches (a larger image goes alone)."""
+        """Consecutive runs of ``items`` of at most TOWER_MAX_PATCHES patches (fewer for a wider MLP; a larger
+        image goes alone)."""
         unit = self.info.merge_size**2
+        spec = self.info.tower
+        mlp = getattr(spec, "intermediate_size", 4096) * (2 if self.info.kind == "qwen2_5_vl" else 1)  # gated: x2
+        limit = max(1, TOWER_MAX_PATCHES * 4096 // max(mlp, 4096))
         chunk: list[ImageItem] = []
         patches = 0
         for item in items:
             n = item.num_tokens * unit
-            if chunk and patches + n > TOWER_MAX_PATCHES:
+            if chunk and patches + n > limit:
                 yield chunk
                 chunk, patches = [], 0
             chunk.append(item)
@@ -179,13 +188,29 @@ class VisionLanguageModel(CausalLM):
         if chunk:
             yield chunk
 
-    def _on_device(self, data: Any) -> Any:
-        """The input with its pixels on the tower's device; from page-locked memory the copy is queued
-        without waiting, so the tower's ``.to(device)`` finds them there."""
+    def _on_device(self, inputs: list[Any]) -> list[Any]:
+        """The inputs with their pixels on the tower's device. From page-locked memory the copies are queued
+        without waiting; on a GPU they run on the upload stream, and the compute stream waits for them only
+        where the tower starts."""
         device = self._device()
-        if data.pixel_values.device == device:
-            return data
-        return replace(data, pixel_values=to_device(data.pixel_values, device))
+        todo = [i for i, data in enumerate(inputs) if data.pixel_values.device != device]
+        if not todo:
+            return inputs
+        out = list(inputs)
+        if device.type != "cuda" or not UPLOAD_STREAM:
+            for i in todo:
+                out[i] = replace(inputs[i], pixel_values=to_device(inputs[i].pixel_values, device))
+            return out
+        if self._upload is None:
+            self._upload = torch.cuda.Stream(device)
+        compute = torch.cuda.current_stream(device)
+        with torch.cuda.stream(self._upload):
+            for i in todo:
+                pixels = to_device(inputs[i].pixel_values, device)
+                pixels.record_stream(compute)  # freed after the tower's kernels, not when the upload ends
+                out[i] = replace(inputs[i], pixel_values=pixels)
+        compute.wait_stream(self._upload)
+        return out
 
     def _image_rows(self, step) -> tuple[torch.Tensor, list[ImageRef]] | None:
         starts: list[torch.Tensor] = []
