@@ -36,6 +36,22 @@ def _label(name: str) -> Any:
     return record_function(name)
 
 
+def _timed_items(gen: Any, label: str, record: Any) -> Any:
+    """``gen``'s items; ``record(seconds)`` gets the time spent producing each one (labelled for a trace)."""
+    try:
+        while True:
+            t = time.perf_counter()
+            try:
+                with _label(label):
+                    item = next(gen)
+            except StopIteration:
+                return
+            record(time.perf_counter() - t)
+            yield item
+    finally:
+        gen.close()
+
+
 def _timeline(llm: Any, chats: list) -> dict[str, Any]:
     """One pass with the runner's and the model's entry points timed (wall, main thread)."""
     runner, model = llm.runner, llm.model
@@ -44,34 +60,15 @@ def _timeline(llm: Any, chats: list) -> dict[str, Any]:
 
     def timed_prepare(steps: list) -> Any:
         marks.setdefault("render_s", time.perf_counter() - marks["t0"])  # prompts rendered, steps planned
-        gen = prepare(steps)
-        try:
-            while True:
-                t = time.perf_counter()
-                try:
-                    with _label("pixels_wait"):
-                        failed = next(gen)
-                except StopIteration:
-                    return
-                marks["steps"].append({"pixels_wait_s": time.perf_counter() - t})
-                yield failed
-        finally:
-            gen.close()
+        return _timed_items(prepare(steps), "pixels_wait", lambda dt: marks["steps"].append({"pixels_wait_s": dt}))
+
+    def add_collect(dt: float) -> None:
+        if marks["steps"]:
+            marks["steps"][-1]["collect_s"] = marks["steps"][-1].get("collect_s", 0.0) + dt
 
     def timed_collected(pending: list) -> Any:
         """The wait for a step's outputs: the time inside the runner's generator, not the caller's."""
-        gen = collected(pending)
-        while True:
-            t = time.perf_counter()
-            try:
-                with _label("collect"):
-                    item = next(gen)
-            except StopIteration:
-                return
-            finally:
-                if marks["steps"]:
-                    marks["steps"][-1]["collect_s"] = marks["steps"][-1].get("collect_s", 0.0) + time.perf_counter() - t
-            yield item
+        return _timed_items(collected(pending), "collect", add_collect)
 
     def step_timer(fn: Any, key: str) -> Any:
         """``fn`` timed into the current step's ``key`` (and labelled for a trace)."""
