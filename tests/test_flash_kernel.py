@@ -120,3 +120,43 @@ def test_fused_decoder_layers_match_the_plain_path(tiny_path):
     chunks) against the plain modules on the same checkpoint, in float32."""
     res = _interpreted(FUSED_CHILD, str(tiny_path("qwen3_tied")))
     assert res["fused"] < 1e-5 and res["chunked"] < 1e-5, res
+
+
+TOWER_CHILD = SHIM + r"""
+import json
+import torch
+from prefillonly.models.vision.qwen_vit import QwenVisionSpec, QwenVisionTower
+
+out = {}
+for kind in ("qwen3_vl", "qwen2_5_vl"):
+    torch.manual_seed(0)
+    qwen3 = kind == "qwen3_vl"
+    spec = QwenVisionSpec(kind=kind, hidden_size=64, num_heads=2, depth=3, intermediate_size=96,
+                          activation="gelu_pytorch_tanh" if qwen3 else "silu", patch_size=4, temporal_patch_size=2,
+                          in_channels=3, merge_size=2, out_hidden_size=48, window_size=None if qwen3 else 16,
+                          fullatt_block_indexes=[] if qwen3 else [1], num_position_embeddings=64 if qwen3 else None,
+                          deepstack_indexes=[0, 2] if qwen3 else [])
+    tower = QwenVisionTower(spec).eval()
+    with torch.no_grad():
+        for name, p in tower.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name and name.endswith("weight") else 0.2 * torch.randn_like(p))
+    grids = [(1, 4, 6), (1, 8, 8), (1, 2, 2), (2, 4, 4)]
+    pixels = torch.randn(sum(t * h * w for t, h, w in grids), spec.patch_dim)
+    with torch.inference_mode():
+        plain, plain_deep = tower(pixels, grids)
+        tower.fused = True  # rotary split (v left in place), add+norm, gated activation and attention kernels
+        fused, fused_deep = tower(pixels, grids)
+    errs = [float((a - b).abs().max()) for a, b in zip([plain, *plain_deep], [fused, *fused_deep])]
+    out[kind] = {"err": max(errs), "scale": float(plain.abs().max()), "levels": len(errs)}
+print(json.dumps(out))
+"""
+
+
+def test_fused_vision_towers_match_the_plain_modules():
+    """The Qwen towers' fused path (the CUDA one: Triton rotary with v read in place by the attention kernel,
+    add+norm, gated activation, bidirectional flash attention over images and windows) against the plain
+    modules, in float32 on the CPU."""
+    res = _interpreted(TOWER_CHILD)
+    assert res["qwen3_vl"]["levels"] == 3 and res["qwen2_5_vl"]["levels"] == 1, res
+    for kind, r in res.items():
+        assert r["scale"] > 0.1 and r["err"] < 1e-5 * max(1.0, r["scale"]), (kind, r)

@@ -136,3 +136,39 @@ def test_identical_chats_are_rendered_once(llm, monkeypatch):
     assert got[0] == got[3]
     got[0].append(-1)
     assert got[3] == expected[3]  # each sequence owns its ids
+
+
+def test_a_long_image_call_starts_before_every_request_is_rendered(llm, monkeypatch):
+    """Image requests are rendered in windows too: the first step (the runner's small one) runs after a
+    few requests are rendered, later windows are rendered while steps run, each result is what it is alone,
+    and a bad image in a later window fails alone."""
+    images = [rand_image(48 + 16 * (i % 4), 64 + 8 * (i % 3), 70 + i) for i in range(24)]
+    chats = [_ask(img, f"Is it red? ({i})") for i, img in enumerate(images)]
+    chats[17] = _ask(b"these bytes are not an image")
+    sizes: list[int] = []
+    llm.runner.observers.append(lambda step: sizes.append(len(step.input_ids)))
+    try:
+        llm.classify(chats[0], labels=LABELS)
+    finally:
+        llm.runner.observers.clear()
+    rendered: list[str] = []
+    encode = llm.mm.encode
+    monkeypatch.setattr(llm.mm, "encode", lambda p, f, *a, **kw: (rendered.append(f), encode(p, f, *a, **kw))[1])
+    at_step: list[int] = []
+    llm.runner.observers.append(lambda step: at_step.append(len(rendered)))
+    budget = llm.runner.max_num_batched_tokens
+    llm.runner.max_num_batched_tokens = 8 * sizes[0]  # about eight requests a step, one in the first
+    llm.model.encoder_cache.clear()
+    try:
+        together = llm.classify(chats, labels=LABELS)
+    finally:
+        llm.runner.observers.clear()
+        llm.runner.max_num_batched_tokens = budget
+    assert at_step[0] <= 3 < len(chats) == len(rendered)
+    assert len(set(at_step)) >= 3  # rendering went on between steps
+    assert together[17].error is not None and "[17]" in together[17].error
+    monkeypatch.undo()
+    for i, r in enumerate(together):
+        if i != 17:
+            alone = llm.classify(chats[i], labels=LABELS)
+            assert r.error is None and abs(r.probs["yes"] - alone.probs["yes"]) < 1e-5, (i, r, alone)

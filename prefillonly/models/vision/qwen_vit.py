@@ -248,8 +248,9 @@ class FcMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         fc1, fc2 = getattr(self, self.names[0]), getattr(self, self.names[1])
-        if fused and self.tanh_gelu and GELU_EPILOGUE and x.dim() == 2:
-            # GELU (tanh form) on the float32 accumulator, then one rounding: as exact as the two-pass form
+        if fused and self.tanh_gelu and GELU_EPILOGUE and x.is_cuda and x.dim() == 2:
+            # cuBLASLt's epilogue is the tanh form (the CPU kernel computes erf), on the float32 accumulator, then
+            # one rounding: closer to float32 than the two-pass form (bench/NOTES.md #20)
             return fc2(torch._addmm_activation(fc1.bias, x, fc1.weight.t(), use_gelu=True))
         return fc2(self.act(fc1(x)))
 
