@@ -1,21 +1,21 @@
 """Fused Triton kernels for the CUDA half-precision path.
 
-Three memory-bound stages of a decoder layer each become one kernel:
+Memory-bound stages of a layer, each one kernel:
 
 * ``rmsnorm``: RMSNorm of a row (Llama's ``w * x`` or Gemma's ``(1 + w) * x``),
   always out of place (the residual stream is never written by a norm);
 * ``qk_norm_rope``: splits a fused ``qkv`` projection, applies the per-head
   q/k RMSNorm (Qwen3, Gemma 3) and rotary embedding, and writes contiguous
-  q, k, v in one pass;
+  q, k (and v, unless the caller reads it in place) in one pass;
 * ``act_mul``: ``act(gate) * up`` from a fused ``gate_up`` projection;
 * ``add_norm``: the vision towers' float32 residual add (in place) and the
   LayerNorm or RMSNorm after it, written in the compute dtype.
 
-They are used by :mod:`prefillonly.models.fastpath` only on CUDA tensors in
-float16/bfloat16; the CPU float32 path never calls them. Every kernel rounds
-where the plain PyTorch path rounds (norm output to the model dtype before the
-weight multiply, activation before the ``* up``), computes in float32
-otherwise, and writes fresh buffers.
+They are used by :mod:`prefillonly.models.fastpath` and the fused Qwen vision
+towers only on CUDA tensors in float16/bfloat16; the CPU float32 path never
+calls them. Every kernel rounds where the plain PyTorch path rounds (norm output
+to the model dtype before the weight multiply, activation before the ``* up``),
+computes in float32 otherwise, and writes fresh buffers.
 """
 
 from __future__ import annotations

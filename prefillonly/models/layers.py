@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import act_mul
 from .spec import RopeSpec
 
 
@@ -107,8 +108,6 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """``fused`` (CUDA, half precision; the vision towers): act(gate) * up in one Triton pass."""
         if fused:
-            from .kernels import act_mul
-
             return self.down_proj(act_mul(self.gate_up_proj(x), self.act_name))
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(self.act(gate) * up)
