@@ -52,6 +52,29 @@ def _timed_items(gen: Any, label: str, record: Any) -> Any:
         gen.close()
 
 
+def _watch_images(seqs: list, t0: float) -> list[dict[str, float]]:
+    """Per image of a step, in ms from the call's start: when its hash was ready and when a worker preprocessed
+    it (the first step's images are what the GPU waits for before its first kernel)."""
+    from prefillonly.models.vision.vlm import _step_images
+
+    rows: list[dict[str, float]] = []
+    for item in _step_images(seqs):
+        row = {"tokens": item.num_tokens}
+        rows.append(row)
+        if not isinstance(item._key, str):  # a Future: a worker is hashing the pixels
+            item._key.add_done_callback(lambda _, row=row: row.__setitem__("hashed", (time.perf_counter() - t0) * 1e3))
+
+        def timed(*a: Any, _process: Any = item.process, _row: dict = row, **k: Any) -> Any:
+            _row["start"] = (time.perf_counter() - t0) * 1e3
+            try:
+                return _process(*a, **k)
+            finally:
+                _row["end"] = (time.perf_counter() - t0) * 1e3
+
+        item.process = timed
+    return rows
+
+
 def _timeline(llm: Any, chats: list) -> dict[str, Any]:
     """One pass with the runner's and the model's entry points timed (wall, main thread)."""
     runner, model = llm.runner, llm.model
@@ -60,6 +83,8 @@ def _timeline(llm: Any, chats: list) -> dict[str, Any]:
 
     def timed_prepare(steps: list) -> Any:
         marks.setdefault("render_s", time.perf_counter() - marks["t0"])  # prompts rendered, steps planned
+        if "first_images" not in marks and steps:
+            marks["first_images"] = _watch_images(steps[0], marks["t0"])
         return _timed_items(prepare(steps), "pixels_wait", lambda dt: marks["steps"].append({"pixels_wait_s": dt}))
 
     def add_collect(dt: float) -> None:
@@ -173,6 +198,11 @@ def _variant(name: str, llm: Any) -> Any:
 
         llm_module.STREAM_IMAGES = False
         return lambda: setattr(llm_module, "STREAM_IMAGES", True)
+    if name == "hostpatchify":  # Qwen pixels patchified by the worker threads (before #25)
+        from prefillonly.models.vision import vlm
+
+        vlm.DEVICE_PATCHIFY = False
+        return lambda: setattr(vlm, "DEVICE_PATCHIFY", True)
     if name == "noupstream":  # pixel uploads on the compute stream (before #22)
         from prefillonly.models.vision import vlm
 
@@ -229,6 +259,18 @@ def _summary(m: dict[str, Any], n: int) -> str:
             f"GPU {m.get('tower_gpu_s', 0.0) * 1e3:.0f} ms; peak {m.get('peak_gib', 0.0):.2f} GiB")
 
 
+def _print_kernels(llm: Any, chats: list, label: str) -> None:
+    """One profiled pass: kernel time, the idle split (head, gaps, tail) and the top kernels."""
+    llm.model.encoder_cache.clear()
+    busy = common.gpu_busy(lambda: llm.classify(chats, labels=LABELS, use_tqdm=False))
+    wall = busy["profiled_wall_s"]
+    print(f"{label} kernels: busy {busy['kernel_busy_s'] * 1e3:.0f} ms of {wall * 1e3:.0f} ms "
+          f"(idle {1 - busy['kernel_busy_s'] / max(wall, 1e-9):.0%}: head {busy['head_s'] * 1e3:.0f} ms, "
+          f"gaps {busy['gaps_s'] * 1e3:.0f} ms, tail {busy['tail_s'] * 1e3:.0f} ms; profiler on)")
+    for t, count, key in busy["top_kernels_s"]:
+        print(f"  {t * 1e3:8.1f} ms {count:6d}  {key}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Qwen3-VL-2B-Instruct")
@@ -236,10 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-images", type=int, default=192)
     p.add_argument("--variants", default="base",
                    help="comma-separated: base, noview, noflash, notowerflash, noepilogue, longestfirst, noupstream, "
-                        "onewindow, prefetch<steps>, towerpatches<n>, switch<ms>ms, workers<n>, "
+                        "onewindow, hostpatchify, prefetch<steps>, towerpatches<n>, switch<ms>ms, workers<n>, "
                         "firststep<fraction of the budget>")
     p.add_argument("--repeats", type=int, default=3, help="timelines per variant (the median is printed)")
-    p.add_argument("--kernels", action="store_true", help="the profiler's kernel table of one pass")
+    p.add_argument("--kernels", action="store_true", help="the profiler's kernel table of one pass per variant")
     p.add_argument("--cprofile", action="store_true", help="the main thread's cProfile of one pass")
     p.add_argument("--steps", action="store_true", help="print every step of the base timeline")
     p.add_argument("--trace", default=None, help="write a Chrome trace of one timeline pass per workload here (a folder)")
@@ -264,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
             undo = _variant(variant, llm)
             try:
                 runs = [_timeline(llm, chats) for _ in range(a.repeats)]
+                if a.kernels:
+                    _print_kernels(llm, chats, f"{wl} [{variant}]")
             finally:
                 undo()
             m = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]
@@ -272,15 +316,8 @@ def main(argv: list[str] | None = None) -> None:
             if a.steps and variant == "base":
                 for k, s in enumerate(m["steps"]):
                     print(f"  step {k}: " + ", ".join(f"{key} {v * 1e3:.1f} ms" for key, v in s.items()))
-        if a.kernels:
-            llm.model.encoder_cache.clear()
-            busy = common.gpu_busy(lambda: llm.classify(chats, labels=LABELS, use_tqdm=False))
-            wall = busy["profiled_wall_s"]
-            print(f"{wl} kernels: busy {busy['kernel_busy_s'] * 1e3:.0f} ms of {wall * 1e3:.0f} ms "
-                  f"(idle {1 - busy['kernel_busy_s'] / max(wall, 1e-9):.0%}: head {busy['head_s'] * 1e3:.0f} ms, "
-                  f"gaps {busy['gaps_s'] * 1e3:.0f} ms, tail {busy['tail_s'] * 1e3:.0f} ms; profiler on)")
-            for t, count, key in busy["top_kernels_s"]:
-                print(f"  {t * 1e3:8.1f} ms {count:6d}  {key}")
+                for row in m.get("first_images", []):
+                    print("  step 0 image: " + ", ".join(f"{key} {v:.1f}" for key, v in row.items()))
         if a.trace:
             from torch.profiler import ProfilerActivity, profile
 

@@ -9,7 +9,7 @@ CPU work in threads ahead of the GPU.
 from prefillonly.vision.image_io import image_content_hash, load_image, to_rgb
 from prefillonly.vision.llava_next_preprocess import LlavaNextImageInput, LlavaNextImagePreprocessor
 from prefillonly.vision.preprocess_pool import prefetch
-from prefillonly.vision.qwen_preprocess import QwenImageInput, QwenImagePreprocessor, smart_resize
+from prefillonly.vision.qwen_preprocess import QwenImageInput, QwenImagePreprocessor, QwenPixels, smart_resize
 
 __all__ = [
     "load_image",
@@ -17,6 +17,7 @@ __all__ = [
     "to_rgb",
     "QwenImageInput",
     "QwenImagePreprocessor",
+    "QwenPixels",
     "smart_resize",
     "LlavaNextImageInput",
     "LlavaNextImagePreprocessor",

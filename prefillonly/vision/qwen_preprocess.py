@@ -26,7 +26,9 @@ from prefillonly.vision.config_io import read_image_processor_config
 from prefillonly.vision.image_io import rgb_pixels, to_rgb
 from prefillonly.vision.pixel_norm import normalization_lut
 
-__all__ = ["smart_resize", "QwenImageInput", "QwenImagePreprocessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
+__all__ = [
+    "smart_resize", "QwenImageInput", "QwenPixels", "QwenImagePreprocessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
+]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -80,6 +82,28 @@ class QwenImageInput:
     num_tokens: int  # number of <|image_pad|> tokens: t * h * w // merge_size**2
 
 
+@dataclass(frozen=True)
+class QwenPixels:
+    """One resized image as uint8 RGB, patchified where it is used (:meth:`patchify`).
+
+    For a GPU tower this is what the worker threads hand over: the copy carries
+    a quarter of the patches' bytes (one byte per subpixel, against two per
+    subpixel and frame in half precision), and the reordering and normalising
+    run on the GPU instead of the CPU, where they were most of an image's work.
+    """
+
+    pixels: torch.Tensor  # (H, W, 3) uint8, H and W multiples of the patch size
+    grid_thw: tuple[int, int, int]
+    num_tokens: int
+    dtype: torch.dtype  # of the patches
+    processor: QwenImagePreprocessor
+
+    def patchify(self) -> QwenImageInput:
+        """The patches on the pixels' device: exactly what the processor's CPU path gives."""
+        values = self.processor.patchify_tensor(self.pixels, self.dtype)
+        return QwenImageInput(pixel_values=values, grid_thw=self.grid_thw, num_tokens=self.num_tokens)
+
+
 class QwenImagePreprocessor:
     """Qwen-VL image processor (PIL backend semantics of transformers 5)."""
 
@@ -117,6 +141,7 @@ class QwenImagePreprocessor:
             std=image_std,
         )
         self._tables: dict[torch.dtype, np.ndarray] = {}
+        self._device_tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def factor(self) -> int:
@@ -205,7 +230,8 @@ class QwenImagePreprocessor:
         field: str = "image",
         dtype: torch.dtype = torch.float32,
         pin_memory: bool = False,
-    ) -> QwenImageInput:
+        patchify: bool = True,
+    ) -> QwenImageInput | QwenPixels:
         """Preprocess one image (any PIL mode; converted to RGB as transformers does).
 
         ``dtype`` other than float32 gives exactly the float32 result converted
@@ -213,6 +239,8 @@ class QwenImagePreprocessor:
         what the tower does first anyway, at a fraction of the memory traffic.
         ``pin_memory`` writes the pixels to page-locked memory, so that their copy
         to the GPU can be asynchronous and never waits for the GPU's queue.
+        ``patchify=False`` stops after the resize: :class:`QwenPixels`, patchified
+        later on the device they are copied to.
         """
         if not isinstance(image, Image.Image):
             raise ImageError(field, f"expected a PIL image, got {type(image).__name__}; use load_image() first")
@@ -222,13 +250,14 @@ class QwenImagePreprocessor:
         if self.do_resize and (rw, rh) != image.size:  # PIL returns a plain copy for the same size
             image = image.resize((rw, rh), resample=self.resample)
         pixels = rgb_pixels(image)  # (H, W, 3) uint8, a view where Pillow allows
-        pixel_values = self._patchify(pixels, dtype, pin_memory)
         grid_h, grid_w = rh // self.patch_size, rw // self.patch_size
-        return QwenImageInput(
-            pixel_values=pixel_values,
-            grid_thw=(1, grid_h, grid_w),
-            num_tokens=grid_h * grid_w // self.merge_size**2,
-        )
+        grid, num_tokens = (1, grid_h, grid_w), grid_h * grid_w // self.merge_size**2
+        if not patchify:
+            raw = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=pin_memory)
+            raw.numpy()[...] = pixels
+            return QwenPixels(raw, grid, num_tokens, dtype, self)
+        return QwenImageInput(pixel_values=self._patchify(pixels, dtype, pin_memory), grid_thw=grid,
+                              num_tokens=num_tokens)
 
     def _table(self, dtype: torch.dtype) -> np.ndarray:
         """The normalisation table in ``dtype``, as raw bits numpy can gather (numpy has no bfloat16)."""
@@ -262,3 +291,30 @@ class QwenImagePreprocessor:
         # A still image is its own temporal neighbour: the frame goes after C, T times.
         dest[...] = values.transpose(1, 2, 3, 4, 0, 5, 6)[:, :, :, :, :, None]
         return out
+
+    def patchify_tensor(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`_patchify` in torch, on the pixels' device: (H, W, C) uint8 -> (patches, C * T * P * P).
+
+        The same table lookup, so the same values bit for bit; four kernels on a GPU.
+        """
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        height, width, channels = pixels.shape
+        grid_h, grid_w = height // p, width // p
+        table, offsets = self._device_table(dtype, pixels.device)
+        blocks = pixels.view(grid_h // m, m, p, grid_w // m, m, p, channels).permute(0, 3, 1, 4, 6, 2, 5)
+        index = blocks.to(torch.int32, memory_format=torch.contiguous_format)
+        index += offsets  # channel c reads table entries c * 256 + value
+        values = table.index_select(0, index.view(-1)).view(index.shape)
+        out = torch.empty((grid_h * grid_w, channels * t * p * p), dtype=dtype, device=pixels.device)
+        frames = values.unsqueeze(5).expand(-1, -1, -1, -1, -1, t, -1, -1)  # the frame, temporal_patch_size times
+        out.view(grid_h // m, grid_w // m, m, m, channels, t, p, p).copy_(frames)
+        return out
+
+    def _device_table(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalisation table flattened to (C * 256,) in ``dtype`` on ``device``, and each channel's offset."""
+        key = (dtype, device)
+        if key not in self._device_tables:
+            table = torch.from_numpy(self._lut).to(dtype).reshape(-1).to(device)
+            offsets = (torch.arange(self._lut.shape[0], dtype=torch.int32) * self._lut.shape[1]).view(-1, 1, 1)
+            self._device_tables[key] = (table, offsets.to(device))
+        return self._device_tables[key]

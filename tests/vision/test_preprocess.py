@@ -361,6 +361,22 @@ def test_qwen_pixels_in_pinned_memory(photos, monkeypatch) -> None:
     assert torch.equal(got.pixel_values, pre(photos["chelsea"]).pixel_values.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen_pixels_patchified_in_torch_equal_the_cpu_path(photos, dtype) -> None:
+    """patchify=False hands over the resized uint8 pixels (for a GPU to patchify); patchifying them with
+    torch ops gives the CPU path's patches bit for bit, for Qwen3-VL's and Qwen2-VL's patch sizes."""
+    for name in ("Qwen3-VL-2B-Instruct", "Qwen2.5-VL-3B-Instruct"):
+        pre = QwenImagePreprocessor.from_dict(qwen_config(name))
+        for img in (photos["chelsea"], photos["astronaut"].resize((333, 517)), photos["coffee"].resize((20, 9))):
+            ref = pre(img, dtype=dtype)
+            raw = pre(img, dtype=dtype, patchify=False)
+            assert raw.pixels.dtype == torch.uint8 and raw.pixels.shape[:2] == tuple(
+                g * pre.patch_size for g in ref.grid_thw[1:])
+            got = raw.patchify()
+            assert got.grid_thw == ref.grid_thw and got.num_tokens == ref.num_tokens
+            assert got.pixel_values.dtype == dtype and torch.equal(got.pixel_values, ref.pixel_values)
+
+
 # --------------------------------------------------------------------------- prefetch
 
 

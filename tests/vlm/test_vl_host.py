@@ -172,3 +172,29 @@ def test_a_long_image_call_starts_before_every_request_is_rendered(llm, monkeypa
         if i != 17:
             alone = llm.classify(chats[i], labels=LABELS)
             assert r.error is None and abs(r.probs["yes"] - alone.probs["yes"]) < 1e-5, (i, r, alone)
+
+
+def test_pixels_patchified_on_the_device_give_the_same_answers(llm, monkeypatch):
+    """For a GPU the workers hand over resized uint8 pixels and the device patchifies them: forced here on
+    the CPU, the answers are the CPU path's (float32: identical), and every image went that way."""
+    from prefillonly.models.vision import vlm
+
+    chats = [_ask(rand_image(40 + 24 * i, 90 - 16 * i, 300 + i)) for i in range(4)]
+    chats.append(_ask(rand_image(8, 12, 310)))  # smaller than a patch: resized up
+    llm.model.encoder_cache.clear()
+    want = llm.classify(chats, labels=LABELS)
+    arrived: list[str] = []
+    real_arrive = vlm._arrive
+
+    def arrive(x, device):
+        arrived.append(type(x).__name__)
+        return real_arrive(x, device)
+
+    options = llm.model.pixel_options()
+    monkeypatch.setattr(vlm, "_arrive", arrive)
+    monkeypatch.setattr(type(llm.model), "pixel_options", lambda self: {**options, "patchify": False})
+    llm.model.encoder_cache.clear()
+    got = llm.classify(chats, labels=LABELS)
+    assert arrived == ["QwenPixels"] * len(chats)
+    for g, w in zip(got, want):
+        assert g.error is None and g.probs == w.probs, (g, w)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ...vision.preprocess_pool import prefetch
+from ...vision.qwen_preprocess import QwenPixels
 from ..attention import to_device
 from ..decoder import CausalLM
 from ..spec import DecoderSpec
@@ -35,6 +36,8 @@ TOWER_MAX_PATCHES = 32768
 # Pixels go up on a stream of their own: on the compute stream each copy (V2's 722 MB: ~14 ms) would hold up
 # the kernels queued behind it; on a side stream it overlaps the previous tower call.
 UPLOAD_STREAM = True
+# Qwen images reach a GPU as resized uint8 pixels and are patchified there (QwenPixels).
+DEVICE_PATCHIFY = True
 
 
 @dataclass
@@ -73,6 +76,13 @@ def _build_tower(info: VisionInfo) -> nn.Module:
     return QwenVisionTower(info.tower)
 
 
+def _arrive(x: Any, device: torch.device) -> Any:
+    """One preprocessed image with its pixels copied to ``device`` (and patchified there if they came raw)."""
+    if isinstance(x, QwenPixels):
+        return replace(x, pixels=to_device(x.pixels, device)).patchify()
+    return replace(x, pixel_values=to_device(x.pixel_values, device))
+
+
 def _step_images(seqs: list) -> list[ImageItem]:
     return [ref.item for seq in seqs for ref in seq.extras.get("images", ())]
 
@@ -102,10 +112,12 @@ class VisionLanguageModel(CausalLM):
     def pixel_options(self) -> dict[str, Any]:
         """How the preprocessor should hand over pixels: Qwen's in the tower's dtype and, for a GPU, in
         page-locked memory, so that the copy is asynchronous (a copy from pageable memory waits for the GPU's
-        queue to drain, which stalls the pipelined steps)."""
+        queue to drain, which stalls the pipelined steps), and as resized uint8 pixels that the GPU patchifies
+        (a quarter of the bytes to copy, and most of the workers' time saved: bench/NOTES.md #25)."""
         if self.info.kind == "llava_next":
             return {}
-        return {"dtype": self.tower.dtype, "pin_memory": self._device().type == "cuda"}
+        gpu = self._device().type == "cuda"
+        return {"dtype": self.tower.dtype, "pin_memory": gpu, "patchify": not (gpu and DEVICE_PATCHIFY)}
 
     def _device(self) -> torch.device:
         return next(self.tower.parameters()).device
@@ -189,26 +201,25 @@ class VisionLanguageModel(CausalLM):
             yield chunk
 
     def _on_device(self, inputs: list[Any]) -> list[Any]:
-        """The inputs with their pixels on the tower's device. From page-locked memory the copies are queued
-        without waiting; on a GPU they run on the upload stream, and the compute stream waits for them only
-        where the tower starts."""
+        """The inputs with their pixels on the tower's device (``QwenPixels`` patchified there). From page-locked
+        memory the copies are queued without waiting; on a GPU they (and the patchifying) run on the upload
+        stream, and the compute stream waits for them only where the tower starts."""
         device = self._device()
-        todo = [i for i, data in enumerate(inputs) if data.pixel_values.device != device]
+        todo = [i for i, x in enumerate(inputs) if isinstance(x, QwenPixels) or x.pixel_values.device != device]
         if not todo:
             return inputs
         out = list(inputs)
         if device.type != "cuda" or not UPLOAD_STREAM:
             for i in todo:
-                out[i] = replace(inputs[i], pixel_values=to_device(inputs[i].pixel_values, device))
+                out[i] = _arrive(inputs[i], device)
             return out
         if self._upload is None:
             self._upload = torch.cuda.Stream(device)
         compute = torch.cuda.current_stream(device)
         with torch.cuda.stream(self._upload):
             for i in todo:
-                pixels = to_device(inputs[i].pixel_values, device)
-                pixels.record_stream(compute)  # freed after the tower's kernels, not when the upload ends
-                out[i] = replace(inputs[i], pixel_values=pixels)
+                out[i] = _arrive(inputs[i], device)
+                out[i].pixel_values.record_stream(compute)  # freed after the tower's kernels, not the upload's
         compute.wait_stream(self._upload)
         return out
 
