@@ -422,6 +422,59 @@ def flash_micro() -> dict:
     return res
 
 
+@_guard
+def tower_sdpa_micro() -> dict:
+    """The vision tower's bidirectional attention (head dim 64) by our kernel against torch's SDPA backends called
+    once per image (cuDNN, flash), on mixed-size steps and on the long and short images of those steps apart:
+    whether a hybrid (a library kernel for long images) would beat ours."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from prefillonly.models import flash
+    from prefillonly.models.attention import AttentionMeta, packed_attention
+
+    dev = torch.device("cuda")
+    torch.manual_seed(6)
+    h, d = 16, 64
+    steps = _steps(24, 196, 7056, 32768, 5)
+    lengths = [L for s in steps for L in s]
+    groups = {"all": lengths, "long_ge2048": [L for L in lengths if L >= 2048],
+              "short_lt2048": [L for L in lengths if L < 2048], "one_7056": [7056], "twenty_784": [784] * 20}
+    res: dict = {}
+    for name, ls in groups.items():
+        n = sum(ls)
+        q, k, v = (torch.randn(n, h, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        meta = AttentionMeta.from_lengths(ls, dev)
+        starts = [0]
+        for L in ls:
+            starts.append(starts[-1] + L)
+        flops = sum(4 * L * L * h * d for L in ls)
+
+        def per_image(backend):
+            out = torch.empty_like(q)
+            with sdpa_kernel(backend):
+                for s0, L in zip(starts, ls):
+                    view = lambda t: t.narrow(0, s0, L).transpose(0, 1).unsqueeze(0)  # noqa: E731
+                    o = F.scaled_dot_product_attention(view(q), view(k), view(v), scale=d**-0.5)
+                    out.narrow(0, s0, L).copy_(o[0].transpose(0, 1))
+            return out
+
+        cases = {"ours": lambda: flash.flash_varlen(q, k, v, meta, d**-0.5, causal=False, config=flash.TOWER_CONFIG),
+                 "cudnn_per_image": lambda: per_image(SDPBackend.CUDNN_ATTENTION),
+                 "flash_per_image": lambda: per_image(SDPBackend.FLASH_ATTENTION)}
+        ref = packed_attention(q.float(), k.float(), v.float(), meta, d**-0.5, causal=False) if n <= 40000 else None
+        out: dict = {"images": len(ls), "tokens": n}
+        for cname, fn in cases.items():
+            try:
+                o = fn()
+                t = _cuda_seconds(fn, 5)
+                out[cname] = {"ms": t * 1e3, "tflops": flops / t / 1e12,
+                              "rel32": _rel(o, ref) if ref is not None else None}
+            except Exception as e:  # a backend that cannot run this shape is a result
+                out[cname] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        res[name] = out
+    res["ok"] = True
+    return res
+
 def gelu_epilogue() -> dict:
     """The vision towers' fc1 + tanh-GELU as one cuBLASLt call (``torch._addmm_activation``) against the two-pass
     form: which GELU the epilogue computes (tanh or erf, against float32), and the time at a tower's shapes."""
