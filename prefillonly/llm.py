@@ -383,8 +383,7 @@ class LLM:
         start, tokens0 = time.perf_counter(), self.runner.tokens_processed
         failures: dict[int, Exception] = {}
         outputs: list[list] = [[] for _ in items]
-        first_seq: list[int] = []  # each item's first sequence, in the order sequences reach the runner
-        owner: list[int] = []  # each sequence's item
+        slots: list[tuple[int, int]] = []  # each sequence's (item, place among the item's sequences), in arrival order
         left = [0] * len(items)
         results: list[Any] = [None] * len(items)
 
@@ -433,8 +432,7 @@ class LLM:
             tokens = 0
             for i in range(len(items)):
                 seqs = sequences(i)
-                first_seq.append(len(owner))
-                owner.extend([i] * len(seqs))
+                slots.extend((i, k) for k in range(len(seqs)))
                 left[i] = len(seqs)
                 outputs[i] = [None] * len(seqs)
                 if not seqs:
@@ -448,8 +446,8 @@ class LLM:
             yield window
 
         for j, out in self.runner.stream(windows(), task.head):
-            i = owner[j]
-            outputs[i][j - first_seq[i]] = out
+            i, k = slots[j]
+            outputs[i][k] = out
             left[i] -= 1
             if left[i] == 0:
                 finish(i)
