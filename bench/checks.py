@@ -172,6 +172,7 @@ def fused_model_vs_plain(model_dir: str) -> dict:
     sequence, both long-attention modes) and graph replays. Each bf16 variant must be about as close
     to float32 as the plain bf16 path is (a random model amplifies rounding, so bf16 paths differ
     from each other by about that much too)."""
+    from prefillonly.engine import batch
     from prefillonly.engine.accel import configure
     from prefillonly.engine.batch import build_step
     from prefillonly.engine.loader import load_model, read_checkpoint
@@ -204,7 +205,10 @@ def fused_model_vs_plain(model_dir: str) -> dict:
         res["plain_single_rel32"] = _rel(run(m, one), ref_one)
         res["plain_small_rel32"] = max(_rel(run(m, b), r) for b, r in zip(small, ref_small))
         configure(m, dev, torch.bfloat16, fused_kernels=True, cuda_graphs=False, prefill_chunk_size=0)
-        res["fused_rel32"] = _rel(run(m, multi), ref_multi)
+        res["fused_rel32"] = _rel(run(m, multi), ref_multi)  # the last layer on each sequence's last row only
+        batch.LAST_LAYER_TAIL = False
+        res["fused_notail_rel32"] = _rel(run(m, multi), ref_multi)
+        batch.LAST_LAYER_TAIL = True
         configure(m, dev, torch.bfloat16, fused_kernels=True, cuda_graphs=False, prefill_chunk_size=512)
         for mode in ("varlen", "sdpa"):
             fastpath.LONG_ATTENTION = mode
@@ -227,7 +231,7 @@ def fused_model_vs_plain(model_dir: str) -> dict:
         res["graph_small_rel32"] = max(errs)
         res["graphs_captured"] = [list(k) for k in graphs.graphs]
     tol = lambda ref: 1.5 * ref + 2e-3  # noqa: E731
-    res["ok"] = (res["fused_rel32"] <= tol(res["plain_rel32"])
+    res["ok"] = (res["fused_rel32"] <= tol(res["plain_rel32"]) and res["fused_notail_rel32"] <= tol(res["plain_rel32"])
                  and res["hybrid_varlen_single_rel32"] <= tol(res["plain_single_rel32"])
                  and res["hybrid_sdpa_single_rel32"] <= tol(res["plain_single_rel32"])
                  and res["graph_small_rel32"] <= tol(res["plain_small_rel32"])

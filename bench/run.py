@@ -156,10 +156,12 @@ def ours_embed(llm, prompts):
     return np.stack([r.embedding for r in llm.embed(prompts, use_tqdm=False)])
 
 
-def set_variant(llm, fused=None, graphs=None, chunk=None, budget=16384, attn=None, multi=None, fcfg=None):
+def set_variant(llm, fused=None, graphs=None, chunk=None, budget=16384, attn=None, multi=None, fcfg=None, tail=None):
+    from prefillonly.engine import batch
     from prefillonly.engine.accel import configure
     from prefillonly.models import fastpath, flash
 
+    batch.LAST_LAYER_TAIL = True if tail is None else tail
     llm.runner.graphs = configure(llm.model, llm.device, llm.dtype, fused, graphs, chunk)
     llm.runner.max_num_batched_tokens = budget
     fastpath.LONG_ATTENTION = attn or DEFAULT_LONG_ATTENTION
@@ -475,7 +477,7 @@ def _variants(spec: str, default):
         kw = {}
         for o in filter(None, opts.split(",")):
             k, _, v = o.partition("=")
-            kw[k] = None if v == "auto" else (bool(int(v)) if k in ("fused", "graphs") else v if k in ("attn", "multi", "fcfg") else int(v))
+            kw[k] = None if v == "auto" else (bool(int(v)) if k in ("fused", "graphs", "tail") else v if k in ("attn", "multi", "fcfg") else int(v))
         out.append((name, kw))
     return out
 
@@ -567,7 +569,7 @@ def main(argv=None):
     p.add_argument("--checks", action="store_true", help="GPU self-checks (kernels, varlen, graphs) before W1")
     p.add_argument("--profile", action="store_true", help="GPU busy fraction from one profiled pass")
     for w in ("w1", "w2", "w3", "w4", "w5"):
-        p.add_argument(f"--variants-{w}", default="", help="prefillonly variants: 'name:fused=1,graphs=1,chunk=8192,budget=16384,multi=flash,fcfg=64-64-4-3;...'")
+        p.add_argument(f"--variants-{w}", default="", help="prefillonly variants: 'name:fused=1,graphs=1,chunk=8192,budget=16384,multi=flash,fcfg=64-64-4-3,tail=0;...'")
     args = p.parse_args(argv)
     if args.hf_budget not in [int(b) for b in args.hf_budgets.split(",")]:
         args.hf_budgets = f"{args.hf_budget},{args.hf_budgets}"

@@ -203,6 +203,11 @@ def _variant(name: str, llm: Any) -> Any:
 
         vlm.DEVICE_PATCHIFY = False
         return lambda: setattr(vlm, "DEVICE_PATCHIFY", True)
+    if name == "notail":  # the last decoder layer computes every row (before #26)
+        from prefillonly.engine import batch
+
+        batch.LAST_LAYER_TAIL = False
+        return lambda: setattr(batch, "LAST_LAYER_TAIL", True)
     if name == "noupstream":  # pixel uploads on the compute stream (before #22)
         from prefillonly.models.vision import vlm
 
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-images", type=int, default=192)
     p.add_argument("--variants", default="base",
                    help="comma-separated: base, noview, noflash, notowerflash, noepilogue, longestfirst, noupstream, "
-                        "onewindow, hostpatchify, prefetch<steps>, towerpatches<n>, switch<ms>ms, workers<n>, "
+                        "onewindow, hostpatchify, notail, prefetch<steps>, towerpatches<n>, switch<ms>ms, workers<n>, "
                         "firststep<fraction of the budget>")
     p.add_argument("--repeats", type=int, default=3, help="timelines per variant (the median is printed)")
     p.add_argument("--kernels", action="store_true", help="the profiler's kernel table of one pass per variant")

@@ -6,7 +6,8 @@ tokens past n form one extra padding sequence of their own, so they never
 attend to or from real tokens; the graph's attention bound (``max_seqlen``)
 is the bucket. Graphs are captured lazily, on first use of their key, share
 one memory pool, and only the decoder (``model.hidden_states``) is captured:
-row selection, the final norm and the task head run eagerly on the first n rows.
+row selection, the final norm and the task head run eagerly on the first n rows (the
+last layer's tail, ``StepInput.tail``, is not used in a graph).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class StepGraphs:
         return (_bucket(n), s) in self.graphs or len(self.graphs) < self.max_graphs
 
     def run(self, step: StepInput) -> torch.Tensor:
-        """Hidden states (n, hidden) of the step: a view into the graph's static output."""
+        """The step's hidden states as ``model.hidden_states(step)`` gives them: (n, hidden), a view into the
+        graph's static output, or the rows of ``step.tail`` (graphs are captured for every row)."""
         n, s = step.num_tokens, len(step.seqs)
         key = (_bucket(n), s)
         graph = self.graphs.get(key)
@@ -92,4 +94,4 @@ class _Graph:
         self.pos[:n].copy_(step.positions)
         self.cu[: self.num_seqs + 1].copy_(step.meta.cu_seqlens)
         self.graph.replay()
-        return self.out[:n]
+        return self.out[:n] if step.tail is None else self.out.index_select(0, step.tail.index)

@@ -58,6 +58,35 @@ class AttentionMeta:
         return cls(to_device(torch.tensor(offsets, dtype=torch.int32), device), list(lengths), max(lengths))
 
 
+@dataclass
+class TailMeta:
+    """The trailing rows of each sequence that a step's last layer computes.
+
+    A task reads one row (or a few) per sequence; every layer but the last
+    needs all rows (their keys and values feed later rows), the last layer only
+    the rows read. So its queries, output projection and MLP run on
+    ``lengths[i]`` trailing rows of sequence ``i``, which attend causally over
+    the whole sequence.
+    """
+
+    index: torch.Tensor  # (R,) long: the rows' places in the packed stream, on the compute device
+    cu_seqlens: torch.Tensor  # int32, (num_seqs + 1,): offsets of each sequence's rows among the R
+    lengths: list[int]  # rows per sequence, on the host
+    max_seqlen: int
+
+    @classmethod
+    def from_lengths(cls, seq_lengths: list[int], lengths: list[int], device: torch.device) -> "TailMeta":
+        index: list[int] = []
+        offsets, start = [0], 0
+        for n, r in zip(seq_lengths, lengths):
+            index.extend(range(start + n - r, start + n))
+            offsets.append(offsets[-1] + r)
+            start += n
+        host = torch.tensor(index + offsets, dtype=torch.long)
+        dev = to_device(host, device)
+        return cls(dev[: len(index)], dev[len(index):].to(torch.int32), list(lengths), max(lengths))
+
+
 def _varlen_fn():
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -103,24 +132,51 @@ def packed_attention(
     return _portable_attention(q, k, v, meta.lengths, scale, window, softcap, causal)
 
 
-def _portable_attention(q, k, v, lengths, scale, window, softcap, causal=True):
+def tail_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMeta,
+    tail: TailMeta,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's trailing rows over its whole sequence.
+
+    q: (R, Hq, D), the rows of ``tail``; k/v: (N, Hkv, D), every row of the step -> (R, Hq, D).
+    """
+    if _VARLEN is not None and q.is_cuda and softcap is None and q.dtype in (torch.float16, torch.bfloat16):
+        # the kernel aligns a shorter query run with the end of its keys (bottom right): the trailing rows
+        kwargs = {"scale": scale, "window_size": (-1 if window is None else window - 1, 0)}
+        if q.shape[1] != k.shape[1] and _VARLEN_GQA:
+            kwargs["enable_gqa"] = True
+        return _VARLEN(q, k, v, tail.cu_seqlens, meta.cu_seqlens, tail.max_seqlen, meta.max_seqlen, **kwargs)
+    return _portable_attention(q, k, v, meta.lengths, scale, window, softcap, True, tail.lengths)
+
+
+def _portable_attention(q, k, v, lengths, scale, window, softcap, causal=True, q_lengths=None):
+    """Each sequence on its own; with ``q_lengths``, q holds only each sequence's last q_lengths[i] rows."""
     out = torch.empty_like(q)
     groups = q.shape[1] // k.shape[1]
-    start = 0
-    for n in lengths:
-        qs = q[start : start + n].transpose(0, 1)  # (H, L, D)
+    start = qstart = 0
+    for i, n in enumerate(lengths):
+        r = n if q_lengths is None else q_lengths[i]
+        qs = q[qstart : qstart + r].transpose(0, 1)  # (H, r, D)
         ks = k[start : start + n].transpose(0, 1)
         vs = v[start : start + n].transpose(0, 1)
         if groups > 1:
             ks = ks.repeat_interleave(groups, dim=0)
             vs = vs.repeat_interleave(groups, dim=0)
-        for b0 in range(0, n, _QUERY_BLOCK):
-            b1 = min(n, b0 + _QUERY_BLOCK)
-            kend = b1 if causal else n
-            out[start + b0 : start + b1] = _block(
-                qs[:, b0:b1], ks[:, :kend], vs[:, :kend], b0, scale, window, softcap, causal
+        for b0 in range(0, r, _QUERY_BLOCK):
+            b1 = min(r, b0 + _QUERY_BLOCK)
+            first = n - r + b0  # position of the block's first query in its sequence
+            kend = n - r + b1 if causal else n
+            out[qstart + b0 : qstart + b1] = _block(
+                qs[:, b0:b1], ks[:, :kend], vs[:, :kend], first, scale, window, softcap, causal
             ).transpose(0, 1)
         start += n
+        qstart += r
     return out
 
 

@@ -1,8 +1,9 @@
 """A pre-norm decoder over a packed token stream: Llama, Qwen2, Qwen3, Gemma 2/3.
 
-The model returns hidden states *before* the final norm for every token; the
-engine picks the rows a task needs and only those go through the norm and the
-head. Nothing is cached between layers or steps.
+The model returns hidden states *before* the final norm, for every token or,
+when the step says which rows its task reads (``StepInput.tail``), for only
+those: the last layer needs no other rows. Only those rows go through the
+norm and the head. Nothing is cached between layers or steps.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import AttentionMeta, packed_attention
+from .attention import AttentionMeta, TailMeta, packed_attention, tail_attention
 from .layers import GatedMLP, RMSNorm, Rotary, apply_rotary
 from .spec import DecoderSpec
 
@@ -29,7 +30,9 @@ class Attention(nn.Module):
         self.rotary = Rotary(spec.layer_rope[layer])
         self.window = spec.layer_windows[layer]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta,
+                tail: TailMeta | None = None) -> torch.Tensor:
+        """Attention output of every row, or of the rows of ``tail`` only."""
         s = self.spec
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, s.num_heads, s.head_dim)
@@ -39,7 +42,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rotary.cos_sin(positions, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = packed_attention(q, k, v, meta, s.attn_scale, self.window, s.attn_softcap)
+        if tail is None:
+            out = packed_attention(q, k, v, meta, s.attn_scale, self.window, s.attn_softcap)
+        else:
+            out = tail_attention(q.index_select(0, tail.index), k, v, meta, tail, s.attn_scale, self.window,
+                                 s.attn_softcap)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -72,10 +79,14 @@ class DecoderLayer(nn.Module):
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta,
+                tail: TailMeta | None = None) -> torch.Tensor:
+        """The next hidden states of every row, or (the last layer) of the rows of ``tail`` only."""
         if self.fast is not None:
-            return self.fast(self, x, positions, meta)
-        h = self.self_attn(self.input_layernorm(x), positions, meta)
+            return self.fast(self, x, positions, meta, tail)
+        h = self.self_attn(self.input_layernorm(x), positions, meta, tail)
+        if tail is not None:
+            x = x.index_select(0, tail.index)
         if self.sandwich:
             h = self.post_attention_layernorm(h)
         return self._mlp(x + h)
@@ -97,9 +108,11 @@ class DecoderModel(nn.Module):
             h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype)
         return h
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
-        for layer in self.layers:
-            hidden = layer(hidden, positions, meta)
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta,
+                tail: TailMeta | None = None) -> torch.Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, positions, meta, tail if i == last else None)
         return hidden
 
 
@@ -114,8 +127,9 @@ class CausalLM(nn.Module):
         self.score = nn.Linear(spec.hidden_size, spec.num_labels, bias=False) if spec.num_labels else None
 
     def hidden_states(self, step) -> torch.Tensor:
-        """Pre-norm hidden states of every packed token of a step (``engine.batch.StepInput``)."""
-        return self.model(self.model.embed(step.input_ids), step.positions, step.meta)
+        """Pre-norm hidden states of a step (``engine.batch.StepInput``): of every packed token, or of the rows
+        of ``step.tail`` when it is set."""
+        return self.model(self.model.embed(step.input_ids), step.positions, step.meta, step.tail)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.norm(hidden)

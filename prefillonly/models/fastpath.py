@@ -16,6 +16,9 @@ sliding-window or soft-capped layers use torch's varlen kernel (or SDPA, below).
 The residual stream is updated in place: the layer consumes its input tensor
 (the decoder never reads a layer's input again).
 
+The last layer of a step whose task reads a few rows per sequence (``TailMeta``) computes keys and values
+for every row and everything else (queries, attention, ``o_proj``, MLP) for those rows only.
+
 Hybrid prefilling: with ``layer.mlp_chunk = C`` a step holding one sequence
 longer than C (a prompt that runs alone) runs every token-wise stage (norms,
 projections, rotary, MLP) in chunks of C tokens, so no (N, intermediate) or
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import flash, kernels
-from .attention import _VARLEN, _VARLEN_GQA, packed_attention, to_device
+from .attention import _VARLEN, _VARLEN_GQA, TailMeta, packed_attention, tail_attention, to_device
 from .layers import Rotary
 
 # Attention of a single long sequence on the hybrid path: "varlen" runs the varlen kernel in
@@ -164,6 +167,21 @@ def _qkv(layer, x: torch.Tensor, cos, sin, out=None, row_map=None):
                                 s.gemma_norm, out=out, row_map=row_map)
 
 
+def _qkv_whole(layer, x: torch.Tensor, cos, sin, chunk: int | None):
+    """q, k, v of every row of ``x``, computed ``chunk`` rows at a time (no (N, qkv) activation) if set."""
+    n = x.shape[0]
+    if chunk is None or n <= chunk:
+        return _qkv(layer, x, cos, sin)
+    s = layer.self_attn.spec
+    q = torch.empty((n, s.num_heads, s.head_dim), dtype=x.dtype, device=x.device)
+    k = torch.empty((n, s.num_kv_heads, s.head_dim), dtype=x.dtype, device=x.device)
+    v = torch.empty_like(k)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        _qkv(layer, x[a:b], cos[a:b], sin[a:b], out=(q[a:b], k[a:b], v[a:b]))
+    return q, k, v
+
+
 def _mlp_(layer, x: torch.Tensor) -> None:
     mlp = layer.mlp
     act = layer.self_attn.spec.activation
@@ -180,13 +198,30 @@ def _mlp_(layer, x: torch.Tensor) -> None:
     _add_linear_(x, a, mlp.down_proj, post)
 
 
-def fused_layer_forward(layer, x: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+def _tail_forward(layer, x: torch.Tensor, cos, sin, meta, tail: TailMeta) -> torch.Tensor:
+    """The layer's output for the rows of ``tail`` only: keys and values of every row, the rest of those rows."""
+    attn = layer.self_attn
+    s = attn.spec
+    q, k, v = _qkv_whole(layer, x, cos, sin, layer.mlp_chunk)
+    o = tail_attention(q.index_select(0, tail.index), k, v, meta, tail, s.attn_scale, attn.window, s.attn_softcap)
+    del q, k, v
+    x = x.index_select(0, tail.index)
+    _add_linear_(x, o.view(x.shape[0], -1), attn.o_proj, layer.post_attention_layernorm if layer.sandwich else None)
+    del o
+    _mlp_(layer, x)
+    return x
+
+
+def fused_layer_forward(layer, x: torch.Tensor, positions: torch.Tensor, meta,
+                        tail: TailMeta | None = None) -> torch.Tensor:
     """Same function as ``DecoderLayer.forward`` on the plain modules, in fewer passes."""
     attn = layer.self_attn
     s = attn.spec
     n = x.shape[0]
     x = x if x.is_contiguous() else x.contiguous()
     cos, sin = _rope_table(attn, positions, meta)
+    if tail is not None:
+        return _tail_forward(layer, x, cos, sin, meta, tail)
     post_attn = layer.post_attention_layernorm if layer.sandwich else None
     chunk = layer.mlp_chunk
     # Multi-sequence steps are bounded by the step budget and run whole; only a single
@@ -212,12 +247,7 @@ def fused_layer_forward(layer, x: torch.Tensor, positions: torch.Tensor, meta) -
         _mlp_(layer, x)
         return x
 
-    q = torch.empty((n, s.num_heads, s.head_dim), dtype=x.dtype, device=x.device)
-    k = torch.empty((n, s.num_kv_heads, s.head_dim), dtype=x.dtype, device=x.device)
-    v = torch.empty_like(k)
-    for a in range(0, n, chunk):
-        b = min(n, a + chunk)
-        _qkv(layer, x[a:b], cos[a:b], sin[a:b], out=(q[a:b], k[a:b], v[a:b]))
+    q, k, v = _qkv_whole(layer, x, cos, sin, chunk)
     kernel_ok = q.is_cuda and s.attn_softcap is None
     if kernel_ok and LONG_ATTENTION == "sdpa" and attn.window is None:
         # whole-sequence causal SDPA (cuDNN / flash backends); its output is read back in chunks

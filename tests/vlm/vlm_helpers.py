@@ -80,8 +80,10 @@ ARCHS = {
         tie=False,
     ),
     "qwen3_vl": dict(
-        text=_text_config(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
-                                                        "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+        # three layers: two take deepstack features, the last computes only the rows read (StepInput.tail)
+        text=_text_config(head_dim=16, num_hidden_layers=3,
+                          rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+                                           "mrope_interleaved": True}),
         vision=dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=16,
                     num_position_embeddings=64, deepstack_visual_indexes=[0, 2], spatial_merge_size=2,
                     temporal_patch_size=2),

@@ -239,7 +239,7 @@ class VisionLanguageModel(CausalLM):
     def hidden_states(self, step) -> torch.Tensor:
         placed = self._image_rows(step)
         if placed is None:
-            return self.model(self.model.embed(step.input_ids), step.positions, step.meta)
+            return self.model(self.model.embed(step.input_ids), step.positions, step.meta, step.tail)
         rows_cpu, refs = placed
         feats = self.encode_images([r.item for r in refs])  # first: the tower's peak does not hold the embeddings
         hidden = self.model.embed(step.input_ids)
@@ -249,8 +249,13 @@ class VisionLanguageModel(CausalLM):
         levels = len(feats[refs[0].item.key][1])
         deep = [torch.cat([feats[r.item.key][1][j] for r in refs]).to(hidden.dtype) for j in range(levels)]
         del feats, main
-        for i, layer in enumerate(self.model.layers):
-            hidden = layer(hidden, step.positions, step.meta)
+        layers = self.model.layers
+        # the last layer computes only the tail's rows, unless deepstack features still go into its output
+        tail = step.tail if len(deep) < len(layers) else None
+        for i, layer in enumerate(layers):
+            hidden = layer(hidden, step.positions, step.meta, tail if i == len(layers) - 1 else None)
             if i < len(deep):
                 hidden = hidden.index_add(0, rows, deep[i])
+        if step.tail is not None and tail is None:
+            hidden = hidden.index_select(0, step.tail.index)
         return hidden
