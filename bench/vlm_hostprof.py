@@ -208,6 +208,10 @@ def _variant(name: str, llm: Any) -> Any:
 
         batch.LAST_LAYER_TAIL = False
         return lambda: setattr(batch, "LAST_LAYER_TAIL", True)
+    if name.startswith("budget"):  # the runner's step budget (max_num_batched_tokens)
+        saved_budget = llm.runner.max_num_batched_tokens
+        llm.runner.max_num_batched_tokens = int(name[len("budget"):])
+        return lambda: setattr(llm.runner, "max_num_batched_tokens", saved_budget)
     if name == "noupstream":  # pixel uploads on the compute stream (before #22)
         from prefillonly.models.vision import vlm
 
@@ -283,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-images", type=int, default=192)
     p.add_argument("--variants", default="base",
                    help="comma-separated: base, noview, noflash, notowerflash, noepilogue, longestfirst, noupstream, "
-                        "onewindow, hostpatchify, notail, prefetch<steps>, towerpatches<n>, switch<ms>ms, workers<n>, "
+                        "onewindow, hostpatchify, notail, budget<tokens>, prefetch<steps>, towerpatches<n>, switch<ms>ms, workers<n>, "
                         "firststep<fraction of the budget>")
     p.add_argument("--repeats", type=int, default=3, help="timelines per variant (the median is printed)")
     p.add_argument("--kernels", action="store_true", help="the profiler's kernel table of one pass per variant")
