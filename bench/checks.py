@@ -504,3 +504,47 @@ def gelu_epilogue() -> dict:
                               "linear_tflops": flops / plain / 1e12}
     res["ok"] = res["fp32_vs_tanh"] < 1e-5
     return res
+
+
+@_guard
+def gemm_layouts() -> dict:
+    """The towers' and the decoder's GEMMs at their real shapes: weights as stored (x @ W^T, cuBLAS's TN) against
+    weights kept transposed (x @ W', NN), through cuBLAS and cuBLASLt: whether a layout or library beats the
+    default at small K (the Qwen3-VL tower's K = 1024)."""
+    dev = torch.device("cuda")
+    torch.manual_seed(7)
+    shapes = {  # name: (rows, out, in, epilogue)
+        "tower_qkv": (32768, 3072, 1024, "bias"), "tower_proj": (32768, 1024, 1024, "bias"),
+        "tower_fc1": (32768, 4096, 1024, "gelu"), "tower_fc2": (32768, 1024, 4096, "bias"),
+        "lm_qkv": (16384, 4096, 2048, "none"), "lm_o": (16384, 2048, 2048, "residual"),
+        "lm_gate_up": (16384, 12288, 2048, "none"), "lm_down": (16384, 2048, 6144, "residual"),
+    }
+    res: dict = {}
+    default_lib = torch.backends.cuda.preferred_blas_library()
+    for name, (m, n, k, epi) in shapes.items():
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
+        wt = w.t().contiguous()
+        b = torch.randn(n, device=dev, dtype=torch.bfloat16)
+        r = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+
+        def call(weight):  # weight: (k, n), a transposed view of w or its contiguous copy
+            if epi == "bias":
+                return torch.addmm(b, x, weight)
+            if epi == "gelu":
+                return torch._addmm_activation(b, x, weight, use_gelu=True)
+            if epi == "residual":
+                return r.addmm_(x, weight)
+            return x @ weight
+
+        out: dict = {}
+        for lib in ("cublas", "cublaslt"):
+            torch.backends.cuda.preferred_blas_library(lib)
+            for layout, weight in (("tn", w.t()), ("nn", wt)):
+                t = _cuda_seconds(lambda: call(weight), 9)
+                out[f"{lib}_{layout}"] = round(2 * m * n * k / t / 1e12, 1)
+        torch.backends.cuda.preferred_blas_library(default_lib)
+        out["same_result"] = _rel(call(wt), call(w.t())) if epi != "residual" else None
+        res[name] = out
+    res["ok"] = True
+    return res
