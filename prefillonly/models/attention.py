@@ -98,6 +98,20 @@ def _varlen_fn():
 _VARLEN, _VARLEN_GQA = _varlen_fn()
 
 
+def _use_kernel(q: torch.Tensor, softcap: float | None) -> bool:
+    """Whether torch's varlen kernel takes this attention: CUDA, half precision, no soft-capping."""
+    return _VARLEN is not None and q.is_cuda and softcap is None and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def varlen_kwargs(scale: float, window: int | None, causal: bool, gqa: bool) -> dict:
+    """Keyword arguments of torch's varlen kernel: transformers' ``window`` (``q_pos - k_pos < window``) as the
+    kernel's (left, right) bound, and GQA where this torch's kernel takes it."""
+    kwargs = {"scale": scale, "window_size": (-1 if window is None else window - 1, 0) if causal else (-1, -1)}
+    if gqa and _VARLEN_GQA:
+        kwargs["enable_gqa"] = True
+    return kwargs
+
+
 def packed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -116,18 +130,8 @@ def packed_attention(
     """
     if not causal and window is not None:
         raise ValueError("a sliding window needs causal attention")
-    use_kernel = (
-        _VARLEN is not None
-        and q.is_cuda
-        and softcap is None
-        and q.dtype in (torch.float16, torch.bfloat16)
-    )
-    if use_kernel:
-        left = -1 if window is None else window - 1
-        kwargs = {"scale": scale, "window_size": (left, 0) if causal else (-1, -1)}
-        if q.shape[1] != k.shape[1]:
-            if _VARLEN_GQA:
-                kwargs["enable_gqa"] = True
+    if _use_kernel(q, softcap):
+        kwargs = varlen_kwargs(scale, window, causal, q.shape[1] != k.shape[1])
         return _VARLEN(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen, **kwargs)
     return _portable_attention(q, k, v, meta.lengths, scale, window, softcap, causal)
 
@@ -146,11 +150,9 @@ def tail_attention(
 
     q: (R, Hq, D), the rows of ``tail``; k/v: (N, Hkv, D), every row of the step -> (R, Hq, D).
     """
-    if _VARLEN is not None and q.is_cuda and softcap is None and q.dtype in (torch.float16, torch.bfloat16):
+    if _use_kernel(q, softcap):
         # the kernel aligns a shorter query run with the end of its keys (bottom right): the trailing rows
-        kwargs = {"scale": scale, "window_size": (-1 if window is None else window - 1, 0)}
-        if q.shape[1] != k.shape[1] and _VARLEN_GQA:
-            kwargs["enable_gqa"] = True
+        kwargs = varlen_kwargs(scale, window, True, q.shape[1] != k.shape[1])
         return _VARLEN(q, k, v, tail.cu_seqlens, meta.cu_seqlens, tail.max_seqlen, meta.max_seqlen, **kwargs)
     return _portable_attention(q, k, v, meta.lengths, scale, window, softcap, True, tail.lengths)
 

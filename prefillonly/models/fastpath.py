@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import flash, kernels
-from .attention import _VARLEN, _VARLEN_GQA, TailMeta, packed_attention, tail_attention, to_device
+from .attention import _VARLEN, TailMeta, packed_attention, tail_attention, to_device, varlen_kwargs
 from .layers import Rotary
 
 # Attention of a single long sequence on the hybrid path: "varlen" runs the varlen kernel in
@@ -261,10 +261,7 @@ def fused_layer_forward(layer, x: torch.Tensor, positions: torch.Tensor, meta,
     elif kernel_ok and _VARLEN is not None:
         # query chunks over keys [0, end): causal aligned bottom-right; the output never exists whole
         bounds, cu_q, cu_k = _query_chunks(meta, n, chunk, x.device)
-        left = -1 if attn.window is None else attn.window - 1
-        kw = {"scale": s.attn_scale, "window_size": (left, 0)}
-        if s.num_heads != s.num_kv_heads and _VARLEN_GQA:
-            kw["enable_gqa"] = True
+        kw = varlen_kwargs(s.attn_scale, attn.window, True, s.num_heads != s.num_kv_heads)
         for i, (a, b) in enumerate(bounds):
             o = _VARLEN(q[a:b], k[:b], v[:b], cu_q[i], cu_k[i], b - a, b, **kw)
             _add_linear_(x[a:b], o.view(b - a, -1), attn.o_proj, post_attn)
