@@ -6,14 +6,15 @@ their meaning. The fused CUDA path itself is checked against the plain one on a 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from prefillonly import LLM
 from prefillonly.errors import InvalidRequestError
 from prefillonly.prompts import is_token_ids
 
 
-def test_cpu_defaults_keep_the_plain_path(tiny_llm):
-    llm = tiny_llm("qwen3_tied")
+def test_cpu_defaults_keep_the_plain_path(tiny_path):
+    llm = LLM(tiny_path("qwen3_tied"), dtype="float32", device="cpu", use_tqdm=False)
     assert llm.runner.graphs is None
     for layer in llm.model.model.layers:
         assert layer.fast is None
@@ -49,3 +50,19 @@ def test_out_of_vocabulary_ids_are_still_named(tiny_llm):
     llm = tiny_llm("qwen3_tied")
     with pytest.raises(InvalidRequestError, match="-1"):
         llm.next_token([5, -1, 7])
+
+
+def test_cuda_graphs_only_where_attention_reads_offsets_on_the_device(tiny_llm):
+    """A captured graph keeps the host's sequence lengths from its capture, so graphs are refused where
+    attention takes the portable path (float32, soft-capping): on a GPU those replays gave wrong results."""
+    from prefillonly.engine import accel
+    from prefillonly.models import attention, fastpath
+
+    qwen, gemma2 = tiny_llm("qwen3_tied").model, tiny_llm("gemma2").model
+    assert "torch.float32" in accel.graph_blocker(qwen, torch.float32)
+    assert "soft-capped" in accel.graph_blocker(gemma2, torch.bfloat16)
+    half = accel.graph_blocker(qwen, torch.bfloat16)
+    assert (half is None) == (attention._VARLEN is not None)
+    # graph steps stay below the fused multi-sequence kernel, whose tile list is built on the host
+    assert accel.GRAPH_MAX_TOKENS <= fastpath.MULTI_MIN_TOKENS
+

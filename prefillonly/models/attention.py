@@ -98,9 +98,15 @@ def _varlen_fn():
 _VARLEN, _VARLEN_GQA = _varlen_fn()
 
 
+def kernel_takes(dtype: torch.dtype, softcap: float | None) -> bool:
+    """Whether torch's varlen kernel (on CUDA) takes attention in this dtype: half precision, no soft-capping.
+    Only then does attention read the sequence offsets from the device alone; the portable path loops over
+    the host's ``lengths``, which a captured CUDA graph would keep from its capture (engine.accel)."""
+    return _VARLEN is not None and softcap is None and dtype in (torch.float16, torch.bfloat16)
+
+
 def _use_kernel(q: torch.Tensor, softcap: float | None) -> bool:
-    """Whether torch's varlen kernel takes this attention: CUDA, half precision, no soft-capping."""
-    return _VARLEN is not None and q.is_cuda and softcap is None and q.dtype in (torch.float16, torch.bfloat16)
+    return q.is_cuda and kernel_takes(q.dtype, softcap)
 
 
 def varlen_kwargs(scale: float, window: int | None, causal: bool, gqa: bool) -> dict:
