@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_models import TINY, HFRef, convert_smollm2, build_tiny, qwen_tokenizer_dir
+from tiny_models import TEST_DEVICE, TINY, HFRef, convert_smollm2, build_tiny, qwen_tokenizer_dir
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llm(tiny_path):
-    """tiny_llm(name, **kwargs) -> a float32 CPU LLM on that checkpoint (cached per kwargs)."""
+    """tiny_llm(name, **kwargs) -> a float32 LLM on that checkpoint, on TEST_DEVICE (cached per kwargs)."""
     from prefillonly import LLM
 
     cache = {}
@@ -43,7 +43,7 @@ def tiny_llm(tiny_path):
     def get(name: str, **kwargs):
         key = (name, tuple(sorted(kwargs.items())))
         if key not in cache:
-            opts = {"dtype": "float32", "device": "cpu", "use_tqdm": False, **kwargs}
+            opts = {"dtype": "float32", "device": TEST_DEVICE, "use_tqdm": False, **kwargs}
             cache[key] = LLM(tiny_path(name), **opts)
         return cache[key]
 

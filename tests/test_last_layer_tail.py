@@ -40,10 +40,10 @@ def test_heads_read_the_same_rows_with_and_without_the_tail(tiny_llm):
             Sequence(list(range(60, 67)), Pooling.CLS), Sequence([5], Pooling.LAST)] + [
             Sequence(list(range(100, 160)), Pooling.LAST)]
     with torch.inference_mode():
-        step = build_step(seqs, CPU)
+        step = build_step(seqs, llm.device)
         assert step.tail is not None and step.tail.lengths == [1, 4, 7, 1, 1]
         with _tail(False):
-            whole = build_step(seqs, CPU)
+            whole = build_step(seqs, llm.device)
         assert whole.tail is None
         got = llm.model.hidden_states(step).index_select(0, step.row_index)
         want = llm.model.hidden_states(whole).index_select(0, whole.row_index)

@@ -9,6 +9,7 @@ it would a downloaded model, and transformers loads the same files as the refere
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+# Where the engine under test runs. The references (transformers, float32) always run on the CPU; setting
+# PREFILLONLY_TEST_DEVICE=cuda on a GPU machine runs the same comparisons with our engine on the GPU.
+TEST_DEVICE = os.environ.get("PREFILLONLY_TEST_DEVICE", "cpu")
 
 # ---------------------------------------------------------------------------------------------
 # The real Qwen3 tokenizer

@@ -137,10 +137,11 @@ def rgb_pixels(img: Image.Image) -> np.ndarray:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert to RGB exactly as transformers' ``convert_to_rgb`` does.
+    """Convert to RGB exactly as transformers' ``convert_to_rgb`` does in its newer releases.
 
     Images with an alpha band or a ``transparency`` entry are composited onto
-    white; everything else goes through ``Image.convert("RGB")``.
+    white (as qwen-vl-utils also does; transformers 5.17 and older dropped the
+    alpha band instead); everything else goes through ``Image.convert("RGB")``.
     """
     if img.mode == "RGB" and img.info.get("transparency") is None:
         return img

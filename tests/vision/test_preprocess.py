@@ -24,7 +24,7 @@ from prefillonly.vision.llava_next_preprocess import LlavaNextImagePreprocessor,
 from prefillonly.vision.preprocess_pool import default_workers, prefetch
 from prefillonly.vision.qwen_preprocess import QwenImagePreprocessor, smart_resize
 
-CONFIGS = pathlib.Path("/work/shared/model-configs")
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "bench" / "configs"  # copies of the released configs
 QWEN_MODELS = ["Qwen2.5-VL-3B-Instruct", "Qwen3-VL-2B-Instruct"]
 
 # (height, width): tiny, odd, wide, tall, exact multiples, photo-sized.
@@ -85,8 +85,17 @@ def assert_same(got: np.ndarray, want: np.ndarray) -> None:
         np.testing.assert_array_equal(got, want)
 
 
+def on_white(image: Image.Image) -> Image.Image:
+    """A transparent image composited onto white: what we do, what transformers' processors do in newer releases
+    (5.24 here) and qwen-vl-utils always did. transformers 5.17 (the GPU machine's) drops the alpha band instead,
+    so the references get the composited image and the check holds on either version."""
+    if image.mode != "RGBA":
+        return image
+    return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
+
+
 def assert_qwen_matches(hf: Qwen2VLImageProcessorPil, ours: QwenImagePreprocessor, image: Image.Image) -> None:
-    ref = hf(image, return_tensors="np")
+    ref = hf(on_white(image), return_tensors="np")
     got = ours(image)
     assert got.pixel_values.dtype == torch.float32
     assert_same(got.pixel_values.numpy(), ref["pixel_values"])
@@ -191,9 +200,10 @@ def test_qwen_config_size_resolution() -> None:
     cfg = {"size": {"shortest_edge": 100, "longest_edge": 200000}, "min_pixels": 4000, "max_pixels": 300000}
     hf, ours = Qwen2VLImageProcessorPil.from_dict(dict(cfg)), QwenImagePreprocessor.from_dict(cfg)
     assert (ours.min_pixels, ours.max_pixels) == (hf.size.shortest_edge, hf.size.longest_edge) == (4000, 300000)
-    # No size at all: transformers' class defaults.
-    hf, ours = Qwen2VLImageProcessorPil.from_dict({}), QwenImagePreprocessor.from_dict({})
-    assert (ours.min_pixels, ours.max_pixels) == (hf.size.shortest_edge, hf.size.longest_edge)
+    # No size at all: the class defaults of newer transformers (5.24 here; 5.17 had max_pixels 12845056).
+    ours = QwenImagePreprocessor.from_dict({})
+    assert (ours.min_pixels, ours.max_pixels) == (56 * 56, 28 * 28 * 1280)
+    hf = Qwen2VLImageProcessorPil.from_dict({"min_pixels": ours.min_pixels, "max_pixels": ours.max_pixels})
     img = Image.fromarray(skimage.data.coffee())
     assert_qwen_matches(hf, ours, img)
     # jina-reranker-m0 style limits.
@@ -251,7 +261,7 @@ def llava_pair() -> tuple[LlavaNextImageProcessorPil, LlavaNextImagePreprocessor
 
 
 def assert_llava_matches(hf: LlavaNextImageProcessorPil, ours: LlavaNextImagePreprocessor, image: Image.Image) -> None:
-    ref = hf(image, return_tensors="np")
+    ref = hf(on_white(image), return_tensors="np")
     got = ours(image)
     assert_same(got.pixel_values.numpy(), ref["pixel_values"][0])
     assert got.image_size == tuple(int(x) for x in ref["image_sizes"][0])

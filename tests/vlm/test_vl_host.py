@@ -14,14 +14,14 @@ from prefillonly.models.vision import EncoderCache
 from prefillonly.models.vision.vlm import PREFETCH_STEPS
 from prefillonly.vision.qwen_preprocess import QwenImagePreprocessor
 
-from .vlm_helpers import rand_image
+from .vlm_helpers import TEST_DEVICE, rand_image
 
 LABELS = ["yes", "no"]
 
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    return LLM(checkpoint("qwen3_vl"), dtype="float32", device="cpu", use_tqdm=False)
+    return LLM(checkpoint("qwen3_vl"), dtype="float32", device=TEST_DEVICE, use_tqdm=False)
 
 
 def _ask(image, text="Is it red?"):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from prefillonly import LLM
 
-from .vlm_helpers import MARKER, hf_inputs, hf_model, rand_image
+from .vlm_helpers import MARKER, TEST_DEVICE, hf_inputs, hf_model, rand_image
 
 IMGS = [rand_image(120, 70, 11), rand_image(50, 50, 12)]
 
@@ -39,7 +39,7 @@ def jina(checkpoint, tmp_path_factory):
 
 def test_jina_reranker_m0_score(jina):
     path, head = jina
-    llm = LLM(path, dtype="float32", device="cpu", use_tqdm=False)
+    llm = LLM(path, dtype="float32", device=TEST_DEVICE, use_tqdm=False)
     hf = hf_model(path)
     tok = llm.tokenizer
     query = "red squares"
@@ -91,6 +91,6 @@ def test_both_weight_layouts_load(checkpoint, tmp_path, arch, mapping):
     src = checkpoint(arch)
     other = _relayout(src, tmp_path / arch, mapping)
     prompt = [{"role": "user", "content": [{"type": "image", "image": IMGS[0]}, {"type": "text", "text": "hi"}]}]
-    a = LLM(src, dtype="float32", device="cpu", use_tqdm=False).next_token(prompt, top_k=3)
-    b = LLM(other, dtype="float32", device="cpu", use_tqdm=False).next_token(prompt, top_k=3)
+    a = LLM(src, dtype="float32", device=TEST_DEVICE, use_tqdm=False).next_token(prompt, top_k=3)
+    b = LLM(other, dtype="float32", device=TEST_DEVICE, use_tqdm=False).next_token(prompt, top_k=3)
     assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-6

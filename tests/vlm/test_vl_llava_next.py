@@ -9,7 +9,7 @@ import torch
 
 from prefillonly import LLM
 
-from .vlm_helpers import rand_image, tokenizer_dir
+from .vlm_helpers import TEST_DEVICE, rand_image, tokenizer_dir
 
 PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56]]
 IMGS = [rand_image(100, 40, 31), rand_image(30, 90, 32), rand_image(70, 70, 33)]
@@ -56,7 +56,7 @@ def test_llava_next_matches_transformers(llava):
     from transformers import LlavaNextImageProcessorPil
 
     path, hf, tok, pre = llava
-    llm = LLM(path, dtype="float32", device="cpu", use_tqdm=False)
+    llm = LLM(path, dtype="float32", device=TEST_DEVICE, use_tqdm=False)
     prompts = ["Describe <image> briefly.", "Compare <image> with <image>.", "No image here."]
     images = [[IMGS[0]], [IMGS[1], IMGS[2]], None]
     results = llm.next_token(prompts, top_k=4, images=images)

@@ -12,7 +12,7 @@ import torch
 
 from prefillonly import LLM
 
-from .vlm_helpers import MARKER, hf_inputs, hf_model, hf_render, rand_image
+from .vlm_helpers import MARKER, TEST_DEVICE, hf_inputs, hf_model, hf_render, rand_image
 
 ARCHES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 IMGS = [rand_image(90, 50, 1), rand_image(40, 130, 2), rand_image(300, 260, 3), rand_image(64, 64, 4)]
@@ -21,7 +21,7 @@ IMGS = [rand_image(90, 50, 1), rand_image(40, 130, 2), rand_image(300, 260, 3), 
 @pytest.fixture(scope="module", params=ARCHES)
 def pair(request, checkpoint):
     path = checkpoint(request.param)
-    llm = LLM(path, dtype="float32", device="cpu", use_tqdm=False)
+    llm = LLM(path, dtype="float32", device=TEST_DEVICE, use_tqdm=False)
     return request.param, path, llm, hf_model(path)
 
 

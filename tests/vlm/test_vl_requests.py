@@ -15,14 +15,14 @@ from prefillonly import LLM
 from prefillonly.errors import ImageError, InvalidRequestError
 from prefillonly.models.vision import EncoderCache
 
-from .vlm_helpers import png_bytes, rand_image
+from .vlm_helpers import TEST_DEVICE, png_bytes, rand_image
 
 GOOD = [rand_image(80, 60, 21), rand_image(60, 120, 22)]
 
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    return LLM(checkpoint("qwen2_5_vl"), dtype="float32", device="cpu", use_tqdm=False)
+    return LLM(checkpoint("qwen2_5_vl"), dtype="float32", device=TEST_DEVICE, use_tqdm=False)
 
 
 def _zero_width_png() -> bytes:
@@ -69,7 +69,7 @@ def test_bad_images_fail_alone(llm, tmp_path):
 
 
 def test_encoder_runs_once_per_image(checkpoint):
-    llm = LLM(checkpoint("qwen3_vl"), dtype="float32", device="cpu", use_tqdm=False)
+    llm = LLM(checkpoint("qwen3_vl"), dtype="float32", device=TEST_DEVICE, use_tqdm=False)
     stats = llm.model.encoder_stats
     img = GOOD[1]
     questions = ["Is it red?", "Is it round?", "Is it big?"]
@@ -91,7 +91,7 @@ def _ask_text(image, text):
 
 
 def test_cache_bound_evicts_least_recent(checkpoint):
-    llm = LLM(checkpoint("qwen2_vl"), dtype="float32", device="cpu", use_tqdm=False, encoder_cache_bytes=0)
+    llm = LLM(checkpoint("qwen2_vl"), dtype="float32", device=TEST_DEVICE, use_tqdm=False, encoder_cache_bytes=0)
     stats = llm.model.encoder_stats
     llm.runner.max_num_batched_tokens = 1  # one request per step
     llm.classify([_ask(GOOD[0]), _ask(GOOD[0])], labels=["yes", "no"])

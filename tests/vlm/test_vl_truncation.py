@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from prefillonly import LLM, InvalidRequestError, PromptTooLongError
 
-from .vlm_helpers import rand_image
+from .vlm_helpers import TEST_DEVICE, rand_image
 
 LONG_TEXT = " ".join(f"Sentence {i} is about rivers, mountains and lakes." for i in range(60))
 QUERY = "Which sentence mentions rivers?"
@@ -22,7 +22,7 @@ PAD = "<|image_pad|>"
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    return LLM(checkpoint("qwen2_5_vl"), dtype="float32", device="cpu", use_tqdm=False)
+    return LLM(checkpoint("qwen2_5_vl"), dtype="float32", device=TEST_DEVICE, use_tqdm=False)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def jina(checkpoint, tmp_path_factory):
     tensors.update({"score.0.weight": torch.randn(64, 64, generator=g) * 0.3, "score.0.bias": torch.zeros(64),
                     "score.2.weight": torch.randn(1, 64, generator=g) * 0.3, "score.2.bias": torch.zeros(1)})
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    return LLM(path, dtype="float32", device="cpu", use_tqdm=False)
+    return LLM(path, dtype="float32", device=TEST_DEVICE, use_tqdm=False)
 
 
 def _fed(llm, call):

