@@ -65,4 +65,3 @@ def test_cuda_graphs_only_where_attention_reads_offsets_on_the_device(tiny_llm):
     assert (half is None) == (attention._VARLEN is not None)
     # graph steps stay below the fused multi-sequence kernel, whose tile list is built on the host
     assert accel.GRAPH_MAX_TOKENS <= fastpath.MULTI_MIN_TOKENS
-
