@@ -7,7 +7,9 @@ attend to or from real tokens; the graph's attention bound (``max_seqlen``)
 is the bucket. Graphs are captured lazily, on first use of their key, share
 one memory pool, and only the decoder (``model.hidden_states``) is captured:
 row selection, the final norm and the task head run eagerly on the first n rows (the
-last layer's tail, ``StepInput.tail``, is not used in a graph).
+last layer's tail, ``StepInput.tail``, is not used in a graph). A replay sees only
+the device tensors it copies in, so models whose attention reads the host's
+sequence lengths get no graphs (``engine.accel.graph_blocker``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from tiny_models import TEST_DEVICE
 
 from prefillonly import LLM
 from prefillonly.errors import ImageError
@@ -14,7 +15,7 @@ from prefillonly.models.vision import EncoderCache
 from prefillonly.models.vision.vlm import PREFETCH_STEPS
 from prefillonly.vision.qwen_preprocess import QwenImagePreprocessor
 
-from .vlm_helpers import TEST_DEVICE, rand_image
+from .vlm_helpers import rand_image
 
 LABELS = ["yes", "no"]
 

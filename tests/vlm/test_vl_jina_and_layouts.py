@@ -8,10 +8,11 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import TEST_DEVICE
 
 from prefillonly import LLM
 
-from .vlm_helpers import MARKER, TEST_DEVICE, hf_inputs, hf_model, rand_image
+from .vlm_helpers import MARKER, hf_inputs, hf_model, rand_image
 
 IMGS = [rand_image(120, 70, 11), rand_image(50, 50, 12)]
 

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+from tiny_models import TEST_DEVICE, qwen_tokenizer_dir
 
 from prefillonly import LLM
 
-from .vlm_helpers import TEST_DEVICE, rand_image, tokenizer_dir
+from .vlm_helpers import rand_image
 
 PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56]]
 IMGS = [rand_image(100, 40, 31), rand_image(30, 90, 32), rand_image(70, 70, 33)]
@@ -21,7 +22,7 @@ def llava(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("llava") / "llava_next"
     path.mkdir()
-    tok = tf.AutoTokenizer.from_pretrained(tokenizer_dir())
+    tok = tf.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
     image_id = tok.convert_tokens_to_ids("<image>")
     tok.save_pretrained(path)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import TEST_DEVICE
 
 from prefillonly import LLM
 
-from .vlm_helpers import MARKER, TEST_DEVICE, hf_inputs, hf_model, hf_render, rand_image
+from .vlm_helpers import MARKER, hf_inputs, hf_model, hf_render, rand_image
 
 ARCHES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 IMGS = [rand_image(90, 50, 1), rand_image(40, 130, 2), rand_image(300, 260, 3), rand_image(64, 64, 4)]

@@ -10,12 +10,13 @@ import zlib
 import pytest
 import torch
 from PIL import Image
+from tiny_models import TEST_DEVICE
 
 from prefillonly import LLM
 from prefillonly.errors import ImageError, InvalidRequestError
 from prefillonly.models.vision import EncoderCache
 
-from .vlm_helpers import TEST_DEVICE, png_bytes, rand_image
+from .vlm_helpers import png_bytes, rand_image
 
 GOOD = [rand_image(80, 60, 21), rand_image(60, 120, 22)]
 

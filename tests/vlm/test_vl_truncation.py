@@ -9,10 +9,11 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import TEST_DEVICE
 
 from prefillonly import LLM, InvalidRequestError, PromptTooLongError
 
-from .vlm_helpers import TEST_DEVICE, rand_image
+from .vlm_helpers import rand_image
 
 LONG_TEXT = " ".join(f"Sentence {i} is about rivers, mountains and lakes." for i in range(60))
 QUERY = "Which sentence mentions rivers?"

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tiny_models import TEST_DEVICE  # noqa: F401  (re-exported for the VLM tests)
-from tiny_models import qwen_tokenizer_dir as tokenizer_dir
+from tiny_models import qwen_tokenizer_dir
 
 IMAGE_PAD = "<|image_pad|>"
 MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -110,7 +109,7 @@ def build_checkpoint(arch: str, root: Path, seed: int = 0) -> Path:
                 p.normal_(0.0, 0.08)
     out = root / arch
     model.save_pretrained(out)
-    for f in tokenizer_dir().iterdir():
+    for f in qwen_tokenizer_dir().iterdir():
         shutil.copy(f, out / f.name)
     if spec["template"] == "vl":
         cfg = json.loads((out / "tokenizer_config.json").read_text())
